@@ -1,0 +1,37 @@
+# The two commands a new user needs: `make test` and `make pretrain`.
+# Both create .venv on first use. torch is pinned because a plain `torch`
+# requirement would pull a multi-GB CUDA build onto CPU-only machines.
+PY      := .venv/bin/python
+TORCH   := torch==2.13.0
+STAMP   := .venv/.moelib-installed
+JOBS    ?= 2
+
+.PHONY: test test-fast pretrain lint bench clean-venv
+
+$(PY):
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): $(PY) setup.cfg pyproject.toml
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test,mpi,triton]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check moelib moelib_cuda recipes tools tests
+	$(PY) -m pytest -q -x --durations=15 tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -x -m "not slow" tests
+
+pretrain: $(STAMP)
+	$(PY) recipes/v3_pretrain.py $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check moelib moelib_cuda recipes tools tests
+
+bench: $(STAMP)
+	$(PY) tools/bench.py train-step --vs-hf
+
+clean-venv:
+	rm -rf .venv

@@ -1,0 +1,310 @@
+"""Configuration dataclasses, presets and validation.
+
+Field names follow the Hugging Face DeepSeek-V3 config.json where one exists, so YAML files, the
+checkpoint manifest and config.json speak the same language. Every rule a config can break is checked
+in ``validate()`` and reported as one sentence naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from moelib.errors import ConfigError
+
+
+def _require(ok: bool, cls: str, name: str, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{cls}.{name}: {rule}")
+
+
+def _positive(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                 type(cfg).__name__, name, f"must be a positive integer, got {value!r}")
+
+
+def _from_dict(cls, data: dict[str, Any], nested: dict[str, type] | None = None):
+    """Build a dataclass from a dict, refusing unknown keys by name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__}: expected a mapping of fields, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+    kwargs = dict(data)
+    for key, sub in (nested or {}).items():
+        if isinstance(kwargs.get(key), dict):
+            kwargs[key] = _from_dict(sub, kwargs[key])
+    return cls(**kwargs)
+
+
+@dataclass
+class YarnConfig:
+    """YaRN context extension, as in DeepSeek-V3's rope_scaling (type "yarn")."""
+
+    factor: float = 40.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+
+    def validate(self) -> None:
+        _require(self.factor >= 1.0, "YarnConfig", "factor", f"must be >= 1, got {self.factor}")
+        _positive(self, "original_max_position_embeddings")
+        _require(self.beta_fast > self.beta_slow > 0, "YarnConfig", "beta_fast",
+                 f"must exceed beta_slow and both be positive, got {self.beta_fast} and {self.beta_slow}")
+
+
+@dataclass
+class ModelConfig:
+    """The network's shape. Defaults are DeepSeek-V3 671B."""
+
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    num_hidden_layers: int = 61
+    first_k_dense_replace: int = 3
+    intermediate_size: int = 18432
+    # Multi-head latent attention
+    num_attention_heads: int = 128
+    q_lora_rank: int | None = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    # DeepSeekMoE
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 2048
+    n_group: int = 8
+    topk_group: int = 4
+    scoring_func: str = "sigmoid"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.5
+    aux_loss_alpha: float = 1e-4
+    # Multi-token prediction depth D
+    num_nextn_predict_layers: int = 1
+    # Positions and norms
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    rope_scaling: YarnConfig | None = None
+    init_std: float = 0.006
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = _from_dict(YarnConfig, self.rope_scaling)
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        c = "ModelConfig"
+        _positive(self, "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                  "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                  "v_head_dim", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+                  "n_group", "topk_group", "max_position_embeddings")
+        if self.q_lora_rank is not None:
+            _positive(self, "q_lora_rank")
+        for name in ("n_shared_experts", "num_nextn_predict_layers", "first_k_dense_replace"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 0, c, name,
+                     f"must be a non-negative integer, got {value!r}")
+        _require(self.first_k_dense_replace <= self.num_hidden_layers, c, "first_k_dense_replace",
+                 f"must not exceed num_hidden_layers ({self.num_hidden_layers}), "
+                 f"got {self.first_k_dense_replace}")
+        _require(self.qk_rope_head_dim % 2 == 0, c, "qk_rope_head_dim",
+                 f"must be even (RoPE rotates pairs of dimensions), got {self.qk_rope_head_dim}")
+        _require(self.n_routed_experts % self.n_group == 0, c, "n_group",
+                 f"must divide n_routed_experts ({self.n_routed_experts}), got {self.n_group}")
+        _require(self.topk_group <= self.n_group, c, "topk_group",
+                 f"must not exceed n_group ({self.n_group}), got {self.topk_group}")
+        _require(self.num_experts_per_tok <= self.n_routed_experts, c, "num_experts_per_tok",
+                 f"must not exceed n_routed_experts ({self.n_routed_experts}), got {self.num_experts_per_tok}")
+        group_size = self.n_routed_experts // self.n_group
+        _require(self.topk_group * group_size >= self.num_experts_per_tok, c, "topk_group",
+                 f"topk_group x experts per group ({self.topk_group} x {group_size}) must be at least "
+                 f"num_experts_per_tok ({self.num_experts_per_tok})")
+        _require(self.scoring_func in ("sigmoid", "softmax"), c, "scoring_func",
+                 f"must be 'sigmoid' or 'softmax', got {self.scoring_func!r}")
+        for name in ("routed_scaling_factor", "rms_norm_eps", "rope_theta", "init_std"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and value > 0 and math.isfinite(value), c, name,
+                     f"must be a positive finite number, got {value!r}")
+        _require(self.aux_loss_alpha >= 0, c, "aux_loss_alpha", f"must be >= 0, got {self.aux_loss_alpha}")
+        if self.rope_scaling is not None:
+            self.rope_scaling.validate()
+
+    # -- derived quantities -----------------------------------------------------------------------
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.first_k_dense_replace
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        """MTP blocks (layer_id >= num_hidden_layers) follow the deep layers, so they are MoE too."""
+        return layer_id >= self.first_k_dense_replace
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameter counts computed from the shapes, without allocating anything.
+
+        ``total`` and ``activated`` are the main model (embedding and head included), ``mtp`` the unique
+        parameters the MTP modules add (they share embedding and head).
+        """
+        h, heads = self.hidden_size, self.num_attention_heads
+        if self.q_lora_rank is None:
+            q = h * heads * self.qk_head_dim
+        else:
+            q = h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * heads * self.qk_head_dim
+        kv = (h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+              + self.kv_lora_rank * heads * (self.qk_nope_head_dim + self.v_head_dim))
+        attention = q + kv + heads * self.v_head_dim * h
+        norms = 2 * h
+        dense_ffn = 3 * h * self.intermediate_size
+        expert = 3 * h * self.moe_intermediate_size
+        router = self.n_routed_experts * h  # the bias is a buffer, not a parameter
+        moe_total = (self.n_routed_experts + self.n_shared_experts) * expert + router
+        moe_active = (self.num_experts_per_tok + self.n_shared_experts) * expert + router
+        embedding = head = self.vocab_size * h
+        dense_layer = attention + norms + dense_ffn
+        n_dense, n_moe = self.first_k_dense_replace, self.num_moe_layers
+        shared = embedding + head + h  # + final norm
+        total = shared + n_dense * dense_layer + n_moe * (attention + norms + moe_total)
+        activated = shared + n_dense * dense_layer + n_moe * (attention + norms + moe_active)
+        mtp_module = 3 * h + 2 * h * h + attention + norms + moe_total  # enorm, hnorm, norm, eh_proj
+        return {
+            "total": total,
+            "activated": activated,
+            "mtp": self.num_nextn_predict_layers * mtp_module,
+            "embedding": embedding,
+            "head": head,
+            "attention_per_layer": attention,
+            "dense_ffn_per_layer": dense_ffn,
+            "expert": expert,
+            "router_per_layer": router,
+        }
+
+    # -- presets and (de)serialisation ------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        if name not in PRESETS:
+            raise ConfigError(f"ModelConfig preset: unknown preset {name!r} (known: {', '.join(PRESETS)})")
+        return _from_dict(cls, {**PRESETS[name], **overrides}, {"rope_scaling": YarnConfig})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, data, {"rope_scaling": YarnConfig})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~10M parameters: trains on 2 CPU cores in minutes. Shared + routed experts, 4 groups of 4
+    # experts with 2 kept, one MTP depth.
+    "tiny": dict(
+        vocab_size=4096, hidden_size=256, num_hidden_layers=4, first_k_dense_replace=1,
+        intermediate_size=768, num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16,
+        n_shared_experts=1, num_experts_per_tok=4, moe_intermediate_size=128, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, num_nextn_predict_layers=1, max_position_embeddings=1024,
+    ),
+    # ~100M parameters, for benchmarks.
+    "small": dict(
+        vocab_size=16384, hidden_size=512, num_hidden_layers=8, first_k_dense_replace=1,
+        intermediate_size=1536, num_attention_heads=8, q_lora_rank=256, kv_lora_rank=128,
+        qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=32,
+        n_shared_experts=1, num_experts_per_tok=4, moe_intermediate_size=256, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, num_nextn_predict_layers=1, max_position_embeddings=2048,
+    ),
+    # DeepSeek-V2-Lite (16B): plain query projection, softmax scores, no groups, no MTP.
+    "v2-lite-16b": dict(
+        vocab_size=102400, hidden_size=2048, num_hidden_layers=27, first_k_dense_replace=1,
+        intermediate_size=10944, num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
+        n_shared_experts=2, num_experts_per_tok=6, moe_intermediate_size=1408, n_group=1, topk_group=1,
+        scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=1.0,
+        num_nextn_predict_layers=0, max_position_embeddings=163840,
+        rope_scaling=dict(factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,
+                          beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707),
+    ),
+    # DeepSeek-V3 (671B) as released.
+    "v3-671b": dict(
+        max_position_embeddings=163840,
+        rope_scaling=dict(factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,
+                          beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
+    ),
+}
+
+
+PRECISION_BACKENDS = ("fp32", "bf16")
+
+
+@dataclass
+class PrecisionConfig:
+    """Numerics of the Linear layers. ``fp32``: everything fp32. ``bf16``: fp32 master weights, bf16
+    compute under autocast; the router, norms and losses stay fp32."""
+
+    backend: str = "bf16"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _require(self.backend in PRECISION_BACKENDS, "PrecisionConfig", "backend",
+                 f"must be one of {', '.join(PRECISION_BACKENDS)}, got {self.backend!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of the single-process training loop (V3's values as defaults)."""
+
+    micro_batch_size: int = 8
+    seq_length: int = 128
+    train_iters: int = 300
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    lr_warmup_iters: int = 20
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    bias_update_speed: float = 1e-3  # gamma of aux-loss-free balancing
+    mtp_loss_weight: float = 0.3     # lambda
+    seed: int = 1234
+    log_interval: int = 10
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.precision, dict):
+            self.precision = _from_dict(PrecisionConfig, self.precision)
+        self.validate()
+
+    def validate(self) -> None:
+        c = "TrainConfig"
+        _positive(self, "micro_batch_size", "seq_length", "train_iters", "log_interval")
+        _require(self.lr > 0, c, "lr", f"must be positive, got {self.lr}")
+        _require(0 <= self.min_lr <= self.lr, c, "min_lr", f"must lie in [0, lr={self.lr}], got {self.min_lr}")
+        _require(0 <= self.lr_warmup_iters <= self.train_iters, c, "lr_warmup_iters",
+                 f"must lie in [0, train_iters={self.train_iters}], got {self.lr_warmup_iters}")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            _require(0 <= value < 1, c, name, f"must lie in [0, 1), got {value}")
+        for name in ("weight_decay", "clip_grad", "bias_update_speed", "mtp_loss_weight"):
+            value = getattr(self, name)
+            _require(value >= 0, c, name, f"must be >= 0, got {value}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, data, {"precision": PrecisionConfig})

@@ -1,0 +1,140 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts, no token dropping.
+
+Routed experts are stored stacked ([E, ...]) so one grouped GEMM serves them all; their state dict
+entries are still one per expert under global ids (``experts.17.up_proj.weight``), so checkpoints do
+not depend on how experts are sharded. The layer reaches its experts through a Dispatcher: the local
+one here, or an all-to-all one swapped in by the parallel layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelib.config import ModelConfig
+from moelib.model.mlp import MLP
+from moelib.model.router import Router, sequence_balance_loss
+from moelib.precision.backends import Backend
+
+_EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts. gate_up_proj [E, 2I, H] holds gate rows then up rows; down_proj [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, backend: Backend, expert_offset: int = 0):
+        super().__init__()
+        self.num_experts, self.inter, self.expert_offset = num_experts, inter, expert_offset
+        self.backend = backend
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [S, H] sorted by expert, counts [E] rows per expert."""
+        gate, up = self.backend.grouped_linear(x, self.gate_up_proj, counts).chunk(2, dim=-1)
+        return self.backend.grouped_linear(F.silu(gate) * up, self.down_proj, counts)
+
+    def expert_weights(self, e: int) -> dict[str, torch.Tensor]:
+        return {"gate_proj": self.gate_up_proj[e, : self.inter], "up_proj": self.gate_up_proj[e, self.inter:],
+                "down_proj": self.down_proj[e]}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for e in range(self.num_experts):
+            for name, tensor in self.expert_weights(e).items():
+                key = f"{prefix}{self.expert_offset + e}.{name}.weight"
+                destination[key] = tensor if keep_vars else tensor.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        with torch.no_grad():
+            for e in range(self.num_experts):
+                for name, target in self.expert_weights(e).items():
+                    key = f"{prefix}{self.expert_offset + e}.{name}.weight"
+                    if key not in state_dict:
+                        missing_keys.append(key)
+                    elif state_dict[key].shape != target.shape:
+                        error_msgs.append(f"{key}: shape {tuple(state_dict[key].shape)} in the checkpoint, "
+                                          f"{tuple(target.shape)} in the model")
+                    else:
+                        target.copy_(state_dict[key])
+        if strict:
+            mine = {f"{prefix}{self.expert_offset + e}.{n}.weight" for e in range(self.num_experts)
+                    for n in _EXPERT_WEIGHTS}
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in mine
+                                   and k[len(prefix):].split(".")[0].isdigit())
+
+
+@dataclass
+class DispatchState:
+    inverse: torch.Tensor  # [N*k]: where each (token, slot) pair sits in expert order
+    num_tokens: int
+    top_k: int
+
+
+class LocalDispatcher:
+    """All experts on this process: sort (token, slot) pairs by expert, gather, and undo it."""
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, num_experts: int):
+        flat = indices.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        counts = torch.bincount(flat, minlength=num_experts)
+        return x[order // indices.shape[1]], counts, DispatchState(inverse, x.shape[0], indices.shape[1])
+
+    def combine(self, y: torch.Tensor, weights: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """y [N*k, H] in expert order -> sum_k weight_k * y_k per token, [N, H]."""
+        unsorted = y[state.inverse].view(state.num_tokens, state.top_k, -1)
+        return torch.bmm(weights.unsqueeze(1).to(y.dtype), unsorted).squeeze(1)
+
+
+class AuxLossBackprop(torch.autograd.Function):
+    """Adds an auxiliary loss's gradient to the backward pass of an activation it does not change,
+    so pipeline stages need not carry aux losses alongside their outputs (as Megatron-Core does)."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale: float):
+        ctx.save_for_backward(aux_loss)
+        ctx.scale = scale
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (aux_loss,) = ctx.saved_tensors
+        return grad_output, torch.full_like(aux_loss, ctx.scale), None
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: Backend):
+        super().__init__()
+        self.num_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.aux_loss_alpha = cfg.aux_loss_alpha
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, backend)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size, backend)
+                               if cfg.n_shared_experts else None)
+        self.dispatcher = LocalDispatcher()
+        # Set by the trainer: the factor the main loss is scaled by (1 / micro-batches).
+        self.aux_loss_scale = 1.0
+        # Expert load of the current global batch, read and reset by the trainer.
+        self.register_buffer("load_counts", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.last_aux_loss = torch.zeros(())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, seqlen, hidden = x.shape
+        flat = x.reshape(-1, hidden)
+        indices, weights, scores = self.gate(flat)
+        routed_in, counts, state = self.dispatcher.dispatch(flat, indices, self.num_experts)
+        out = self.dispatcher.combine(self.experts(routed_in, counts), weights, state)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        out = out.view(bsz, seqlen, hidden)
+        if self.training:
+            self.load_counts += counts.detach().to(self.load_counts.dtype)
+            if self.aux_loss_alpha > 0 and torch.is_grad_enabled():
+                aux = self.aux_loss_alpha * sequence_balance_loss(scores, indices, bsz, self.top_k)
+                self.last_aux_loss = aux.detach()
+                out = AuxLossBackprop.apply(out, aux, self.aux_loss_scale)
+        return out

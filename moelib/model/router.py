@@ -1,0 +1,85 @@
+"""DeepSeekMoE router: fp32 scores, group-limited top-k, and the aux-loss-free selection bias.
+
+Selection uses s + b; gate values use the unbiased s of the chosen experts. The bias is a buffer
+(``e_score_correction_bias`` as in the released weights), moved by ``update_bias`` from the expert
+counts of the batch just finished, never by gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelib.config import ModelConfig
+
+
+def group_limited_topk(biased: torch.Tensor, top_k: int, n_group: int, topk_group: int) -> torch.Tensor:
+    """Indices [N, top_k] of the best experts inside the topk_group best groups.
+
+    A group's score is the sum of its two best biased scores (one when groups hold one expert).
+    Dropped groups are masked with -inf, not 0: biased scores can be negative.
+    """
+    n_tokens, n_experts = biased.shape
+    if n_group > 1 and topk_group < n_group:
+        grouped = biased.view(n_tokens, n_group, n_experts // n_group)
+        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+        keep = group_scores.topk(topk_group, dim=-1).indices
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        biased = grouped.masked_fill(~mask.unsqueeze(-1), float("-inf")).view(n_tokens, n_experts)
+    return biased.topk(top_k, dim=-1).indices
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.scoring_func, self.norm_topk_prob = cfg.scoring_func, cfg.norm_topk_prob
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        # The gate stays in fp32 (V3 keeps it out of FP8 and bf16).
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, hidden] -> (indices [N, k], gate weights [N, k] fp32, scores [N, E] fp32)."""
+        scores = self.scores(x)
+        with torch.no_grad():
+            indices = group_limited_topk(scores + self.e_score_correction_bias, self.top_k,
+                                         self.n_group, self.topk_group)
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return indices, weights * self.routed_scaling_factor, scores
+
+    @torch.no_grad()
+    def update_bias(self, counts: torch.Tensor, speed: float) -> None:
+        """b_i += speed * sign(mean(c) - c_i) from the token counts of the finished batch."""
+        counts = counts.to(self.e_score_correction_bias.device, torch.float32)
+        self.e_score_correction_bias += speed * torch.sign(counts.mean() - counts)
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch_size: int, top_k: int) -> torch.Tensor:
+    """Complementary sequence-wise balance loss sum_i f_i P_i, averaged over sequences (times alpha
+    by the caller). scores [B*T, E], indices [B*T, k]."""
+    n_experts = scores.shape[-1]
+    probs = scores / scores.sum(dim=-1, keepdim=True)
+    probs = probs.view(batch_size, -1, n_experts)
+    seq_len = probs.shape[1]
+    with torch.no_grad():
+        chosen = indices.reshape(batch_size, -1)
+        hits = torch.zeros(batch_size, n_experts, device=scores.device)
+        hits.scatter_add_(1, chosen, torch.ones_like(chosen, dtype=hits.dtype))
+        f = hits * n_experts / (top_k * seq_len)
+    return (f * probs.mean(dim=1)).sum(dim=-1).mean()
+
+
+def max_violation(counts: torch.Tensor) -> float:
+    """MaxVio = (max load - mean load) / mean load."""
+    counts = counts.float()
+    mean = counts.mean()
+    return float((counts.max() - mean) / mean) if mean > 0 else 0.0

@@ -1,0 +1,189 @@
+"""The DeepSeek-V3 decoder: embedding, an ordered stack of layers, final norm, head, MTP modules.
+
+Layers live in a ModuleDict keyed by their global index, so a pipeline stage can drop the layers it
+does not own (and the embedding, norm or head) while every parameter keeps its global name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelib.config import ModelConfig, PrecisionConfig
+from moelib.errors import DataError
+from moelib.model.mla import MLA
+from moelib.model.mlp import MLP
+from moelib.model.moe import MoE
+from moelib.model.norm import RMSNorm
+from moelib.model.rope import rope_attention_factor, rope_cos_sin, rope_inv_freq
+from moelib.precision.backends import Backend, get_backend
+
+IGNORE_INDEX = -100
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, backend: Backend):
+        super().__init__()
+        self.layer_id = layer_id
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg, backend)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg, backend) if cfg.is_moe_layer(layer_id) else MLP(
+            cfg.hidden_size, cfg.intermediate_size, backend)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MTPModule(nn.Module):
+    """Multi-token prediction depth k: h' = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]), one
+    decoder block, then its own norm (``shared_head.norm`` in the release). The normed output feeds
+    the shared head and the next depth, as in Megatron-Core and transformers' MtpModel."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, backend: Backend):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # High precision in V3 (the FP8 release leaves eh_proj unquantised).
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.layer = DecoderLayer(cfg, layer_id, backend)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+        return self.norm(self.layer(h, cos, sin))
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor                  # what backward() is called on
+    lm_loss: torch.Tensor               # main next-token cross-entropy
+    mtp_losses: list[torch.Tensor] = field(default_factory=list)
+
+
+def shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
+    """x[:, i + k] at position i, ``fill`` where i + k runs past the sequence."""
+    if k == 0:
+        return x
+    return torch.cat([x[:, k:], x.new_full((x.shape[0], min(k, x.shape[1])), fill)], dim=1)[:, : x.shape[1]]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: Backend):
+        super().__init__()
+        self.cfg = cfg
+        self.backend = backend
+        # Embedding and head stay in high precision (V3).
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, backend) for i in range(cfg.num_hidden_layers)})
+        self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head: nn.Linear | None = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + k, backend)
+                                 for k in range(cfg.num_nextn_predict_layers))
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.rope_factor = rope_attention_factor(cfg)
+
+    # -- pieces a pipeline stage can call -----------------------------------------------------------
+
+    def rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if seq_len > self.cfg.max_position_embeddings:
+            raise DataError(f"sequence length {seq_len} exceeds ModelConfig.max_position_embeddings "
+                            f"({self.cfg.max_position_embeddings})")
+        return rope_cos_sin(self.inv_freq.to(device), torch.arange(seq_len, device=device), self.rope_factor)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        check_token_ids(tokens, self.cfg.vocab_size)
+        return self.embed_tokens(tokens)
+
+    def decoder(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        return h
+
+    # -- whole-model entry points -------------------------------------------------------------------
+
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Main-model output after the final norm, [B, T, hidden]."""
+        cos, sin = self.rope(tokens.shape[1], tokens.device)
+        return self.norm(self.decoder(self.embed(tokens), cos, sin))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Main-model logits [B, T, vocab] for token ids [B, T]."""
+        return self.lm_head(self.hidden_states(tokens))
+
+    def compute_loss(self, tokens: torch.Tensor, labels: torch.Tensor, mtp_weight: float = 0.3) -> LossOutput:
+        """Cross-entropy of the main model plus (lambda / D) * sum_k CE_k of the MTP depths.
+
+        labels[:, i] is the token after tokens[:, i] (IGNORE_INDEX to skip a position). MTP depth k at
+        position i reads token i + k (= labels[:, i + k - 1]) and predicts labels[:, i + k].
+        """
+        if labels.shape != tokens.shape:
+            raise DataError(f"labels shape {tuple(labels.shape)} differs from tokens shape {tuple(tokens.shape)}")
+        cos, sin = self.rope(tokens.shape[1], tokens.device)
+        h = self.norm(self.decoder(self.embed(tokens), cos, sin))
+        lm_loss = cross_entropy(self.lm_head(h), labels)
+        mtp_losses = []
+        for k, module in enumerate(self.mtp, start=1):
+            next_tokens = shift_left(labels, k - 1, 0).clamp(min=0)
+            h = module(h, self.embed(next_tokens), cos, sin)
+            mtp_losses.append(cross_entropy(self.lm_head(h), shift_left(labels, k, IGNORE_INDEX)))
+        loss = lm_loss
+        if mtp_losses and mtp_weight > 0:
+            loss = loss + mtp_weight / len(mtp_losses) * torch.stack(mtp_losses).sum()
+        return LossOutput(loss, lm_loss, mtp_losses)
+
+    # -- load balancing -----------------------------------------------------------------------------
+
+    def moe_layers(self) -> dict[str, MoE]:
+        """Every MoE in this (possibly partial) model, keyed by its module path."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, MoE)}
+
+    def set_aux_loss_scale(self, scale: float) -> None:
+        for moe in self.moe_layers().values():
+            moe.aux_loss_scale = scale
+
+
+def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise DataError(f"token ids must be int64 or int32, got {tokens.dtype}")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        bad = tokens[(tokens < 0) | (tokens >= vocab_size)][0]
+        raise DataError(f"token id {int(bad)} is outside the vocabulary [0, {vocab_size}) of ModelConfig.vocab_size")
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+@torch.no_grad()
+def init_weights(model: Transformer, std: float) -> None:
+    """Normal(0, std) for every matrix (V3: std 0.006), ones for norms, zero router bias."""
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+        for p in module.parameters(recurse=False):
+            if p.dim() >= 2:
+                p.normal_(0.0, std)
+        if hasattr(module, "e_score_correction_bias"):
+            module.e_score_correction_bias.zero_()
+
+
+def build_model(cfg: ModelConfig, precision: PrecisionConfig | str | None = None, *,
+                device: torch.device | str | None = None, seed: int | None = None) -> Transformer:
+    """The full model, initialised; ``seed`` makes the initial weights reproducible."""
+    backend = get_backend(precision)
+    if device is not None and torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return Transformer(cfg, backend)
+    model = Transformer(cfg, backend)
+    gen_state = torch.random.get_rng_state()
+    if seed is not None:
+        torch.manual_seed(seed)
+    init_weights(model, cfg.init_std)
+    if seed is not None:
+        torch.random.set_rng_state(gen_state)
+    return model.to(device) if device is not None else model
