@@ -296,8 +296,8 @@ class TrainConfig:
         _positive(self, "micro_batch_size", "seq_length", "train_iters", "log_interval")
         _require(self.lr > 0, c, "lr", f"must be positive, got {self.lr}")
         _require(0 <= self.min_lr <= self.lr, c, "min_lr", f"must lie in [0, lr={self.lr}], got {self.min_lr}")
-        _require(0 <= self.lr_warmup_iters <= self.train_iters, c, "lr_warmup_iters",
-                 f"must lie in [0, train_iters={self.train_iters}], got {self.lr_warmup_iters}")
+        _require(isinstance(self.lr_warmup_iters, int) and self.lr_warmup_iters >= 0, c, "lr_warmup_iters",
+                 f"must be a non-negative integer, got {self.lr_warmup_iters!r}")
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
             _require(0 <= value < 1, c, name, f"must lie in [0, 1), got {value}")

@@ -74,6 +74,23 @@ class DispatchState:
     top_k: int
 
 
+class _PermuteTokens(torch.autograd.Function):
+    """x[order // k]: each token copied once per chosen expert, in expert order. The backward is the
+    combine with unit weights, a fixed-order sum over the k copies, so gradients are deterministic
+    (an index backward accumulates the copies in a thread-dependent order)."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse, top_k):
+        ctx.save_for_backward(inverse)
+        ctx.top_k = top_k
+        return x[order // top_k]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse].view(-1, ctx.top_k, grad.shape[-1]).sum(1), None, None, None
+
+
 class LocalDispatcher:
     """All experts on this process: sort (token, slot) pairs by expert, gather, and undo it."""
 
@@ -82,7 +99,8 @@ class LocalDispatcher:
         order = torch.argsort(flat, stable=True)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         counts = torch.bincount(flat, minlength=num_experts)
-        return x[order // indices.shape[1]], counts, DispatchState(inverse, x.shape[0], indices.shape[1])
+        top_k = indices.shape[1]
+        return _PermuteTokens.apply(x, order, inverse, top_k), counts, DispatchState(inverse, x.shape[0], top_k)
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, state: DispatchState) -> torch.Tensor:
         """y [N*k, H] in expert order -> sum_k weight_k * y_k per token, [N, H]."""
