@@ -61,8 +61,8 @@ class Trainer:
         self.last_load = load
         self.step += 1
         aux = sum(float(m.last_aux_loss) for m in model.moe_layers().values())
-        mtp = float(torch.stack(out.mtp_losses).mean()) if out.mtp_losses else 0.0
-        return StepResult(self.step, float(out.loss), float(out.lm_loss), mtp, aux, lr, float(grad_norm),
+        mtp = float(torch.stack(out.mtp_losses).detach().mean()) if out.mtp_losses else 0.0
+        return StepResult(self.step, out.loss.item(), out.lm_loss.item(), mtp, aux, lr, float(grad_norm),
                           load.mean_max_vio, tokens.numel() / (time.perf_counter() - start))
 
     def train(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], log=None) -> Iterator[StepResult]:
