@@ -11,14 +11,18 @@ import torch
 import torch.nn.functional as F
 
 
-def _aligned(*tensors: torch.Tensor) -> bool:
-    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride() if s != 1)
-               for t in tensors)
+def _aligned(t: torch.Tensor) -> bool:
+    """grouped_mm's layout rule: 16-byte aligned base, one of the two matrix dims unit-stride and the
+    other (and any batch stride) a multiple of 16 bytes."""
+    size = t.element_size()
+    row, col = t.stride(-2), t.stride(-1)
+    matrix_ok = (col == 1 and row * size % 16 == 0) or (row == 1 and col * size % 16 == 0)
+    return t.data_ptr() % 16 == 0 and matrix_ok and all(s * size % 16 == 0 for s in t.stride()[:-2])
 
 
-def _use_torch_grouped(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return (hasattr(F, "grouped_mm") and x.dtype in (torch.float32, torch.bfloat16)
-            and x.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0)
+def _use_torch_grouped(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (hasattr(F, "grouped_mm") and a.dtype in (torch.float32, torch.bfloat16) and a.shape[0] > 0
+            and _aligned(a) and _aligned(b))
 
 
 def _mm_groups(a: torch.Tensor, b: torch.Tensor, offsets: list[int]) -> torch.Tensor:
@@ -33,7 +37,7 @@ def _mm_groups(a: torch.Tensor, b: torch.Tensor, offsets: list[int]) -> torch.Te
 
 
 def _forward_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, offsets: list[int]) -> torch.Tensor:
-    if _use_torch_grouped(a, b) and _aligned(a, b):
+    if _use_torch_grouped(a, b):
         return F.grouped_mm(a, b, offs=offs)
     return _mm_groups(a, b, offsets)
 
