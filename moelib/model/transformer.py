@@ -119,7 +119,8 @@ class Transformer(nn.Module):
         """Cross-entropy of the main model plus (lambda / D) * sum_k CE_k of the MTP depths.
 
         labels[:, i] is the token after tokens[:, i] (IGNORE_INDEX to skip a position). MTP depth k at
-        position i reads token i + k (= labels[:, i + k - 1]) and predicts labels[:, i + k].
+        position i reads token i + k (= labels[:, i + k - 1]) and predicts labels[:, i + k]. With
+        mtp_weight 0 the MTP modules are not run.
         """
         if labels.shape != tokens.shape:
             raise DataError(f"labels shape {tuple(labels.shape)} differs from tokens shape {tuple(tokens.shape)}")
@@ -127,7 +128,7 @@ class Transformer(nn.Module):
         h = self.norm(self.decoder(self.embed(tokens), cos, sin))
         lm_loss = cross_entropy(self.lm_head(h), labels)
         mtp_losses = []
-        for k, module in enumerate(self.mtp, start=1):
+        for k, module in enumerate(self.mtp if mtp_weight > 0 else (), start=1):
             next_tokens = shift_left(labels, k - 1, 0).clamp(min=0)
             h = module(h, self.embed(next_tokens), cos, sin)
             mtp_losses.append(cross_entropy(self.lm_head(h), shift_left(labels, k, IGNORE_INDEX)))

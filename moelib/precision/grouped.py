@@ -59,11 +59,13 @@ class _GroupedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _forward_mm(grad_out, weight, offs, offsets)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.zeros_like(weight)
+            grad_w = torch.empty_like(weight)
             start = 0
             for i, end in enumerate(offsets):
                 if end > start:
                     torch.mm(grad_out[start:end].t(), x[start:end], out=grad_w[i])
+                else:
+                    grad_w[i].zero_()
                 start = end
         return grad_x, grad_w, None
 

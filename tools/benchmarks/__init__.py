@@ -1,0 +1,1 @@
+"""Benchmark subcommands of tools/bench.py, one module each."""

@@ -1,0 +1,121 @@
+"""Training-step throughput of moelib vs transformers' DeepseekV3ForCausalLM on the same config, batch and dtype.
+
+Both models get the same weights (moelib's, written in the released layout and loaded by
+transformers), the same AdamW, and the same mixed-precision policy: fp32 weights, with bf16 compute
+under autocast for ``--dtype bf16``. Steps alternate between the two models so that drift on a shared
+machine hits both alike. Also reported: model FLOP/s as a fraction of this machine's dense matmul rate,
+measured in the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from moelib import ModelConfig, TrainConfig
+from moelib.model import build_model
+from moelib.train.hf_format import to_hf_config, to_hf_state_dict
+from moelib.train.optimizer import build_optimizer
+
+
+def add_args(p) -> None:
+    p.add_argument("--preset", default="small")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--vs-hf", action="store_true", help="also time transformers' DeepseekV3ForCausalLM")
+
+
+def model_flops_per_token(cfg: ModelConfig, seq: int) -> float:
+    """Main model only (the step runs no MTP): 6 x activated matmul parameters, embedding excluded, plus
+    the attention scores and values (causal, so half of them)."""
+    c = cfg.param_counts()
+    attention = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * seq * (cfg.qk_head_dim + cfg.v_head_dim) / 2
+    return 6 * (c["activated"] - c["embedding"]) + attention
+
+
+def matmul_rate(dtype: torch.dtype, n: int = 1024, reps: int = 8) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def hf_model(model, cfg: ModelConfig):
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as d:
+        tensors = {k: v.contiguous().clone() for k, v in to_hf_state_dict(model.state_dict(), cfg)}
+        save_file(tensors, str(Path(d) / "model.safetensors"), metadata={"format": "pt"})
+        (Path(d) / "config.json").write_text(json.dumps(to_hf_config(cfg, "float32")))
+        return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).train()
+
+
+def run(args) -> dict:
+    cfg = ModelConfig.from_preset(args.preset)
+    torch.manual_seed(0)
+    ours = build_model(cfg, "fp32", seed=0).train()
+    candidates = {"moelib": ours}
+    if args.vs_hf:
+        candidates["transformers"] = hf_model(ours, cfg)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.dtype == "bf16" else contextlib.nullcontext
+    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    # moelib's own optimizer; for transformers the fused AdamW its Trainer picks by default (torch >= 2.8).
+    optims = {"moelib": build_optimizer(ours, TrainConfig(lr=1e-4, min_lr=1e-5))}
+    if args.vs_hf:
+        optims["transformers"] = torch.optim.AdamW(candidates["transformers"].parameters(), lr=1e-4,
+                                                   betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+
+    def step(name: str) -> float:
+        model, opt = candidates[name], optims[name]
+        start = time.perf_counter()
+        with autocast():
+            if name == "moelib":
+                # The main-model loss only, as transformers computes it (MTP off for a like-for-like step).
+                loss = model.compute_loss(inputs, labels, mtp_weight=0.0).lm_loss
+            else:
+                loss = model(inputs, labels=tokens[:, :-1].contiguous(),
+                             shift_labels=labels.contiguous()).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    times = {k: [] for k in candidates}
+    for i in range(args.warmup + args.steps):
+        for name in candidates:
+            t = step(name)
+            if i >= args.warmup:
+                times[name].append(t)
+    ntok = args.batch * args.seq
+    mm_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    peak = matmul_rate(mm_dtype)
+    flops = model_flops_per_token(cfg, args.seq)
+    result = {"preset": args.preset, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
+              "matmul_gflops": peak / 1e9, "models": {}}
+    print(f"train-step  preset={args.preset} dtype={args.dtype} batch={args.batch}x{args.seq}  "
+          f"matmul {peak / 1e9:.0f} GFLOP/s")
+    print(f"{'model':<14}{'tokens/s':>12}{'step ms':>10}{'GFLOP/s':>10}{'of matmul':>11}")
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        tps = ntok / t
+        result["models"][name] = {"tokens_per_s": tps, "step_s": t, "steps_s": ts,
+                                  "gflops": tps * flops / 1e9, "fraction_of_matmul": tps * flops / peak}
+        print(f"{name:<14}{tps:>12.0f}{t * 1e3:>10.0f}{tps * flops / 1e9:>10.1f}{tps * flops / peak:>11.1%}")
+    if "transformers" in times:
+        ratio = result["models"]["moelib"]["tokens_per_s"] / result["models"]["transformers"]["tokens_per_s"]
+        result["ratio_moelib_over_transformers"] = ratio
+        print(f"moelib / transformers: {ratio:.2f}x")
+    return result
