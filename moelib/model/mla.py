@@ -35,7 +35,7 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
         self.kv_b_proj = Linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), backend)
         # V3 caches this projection's input with power-of-two scales under FP8; the backend decides.
-        self.o_proj = Linear(self.n_heads * self.v_dim, h, backend)
+        self.o_proj = Linear(self.n_heads * self.v_dim, h, backend, pow2_input=True)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):

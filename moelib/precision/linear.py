@@ -1,0 +1,307 @@
+"""The FP8 Linear (DeepSeek-V3's recipe, REFERENCE §4) as autograd functions, dense and grouped.
+
+For Y = X·Wᵀ with X [M, K] (leading dims flattened), W [N, K]:
+
+    forward      Y  = X·Wᵀ    X in 1×128 tiles along K,     W in 128×128 blocks
+    input-grad   dX = dY·W    dY in 1×128 tiles along N,    Wᵀ = W's blocks transposed (no requantisation)
+    weight-grad  dW = dYᵀ·X   dYᵀ and Xᵀ in 1×128 tiles along the tokens M
+
+Every GEMM takes E4M3 operands and accumulates in fp32 with the scale product applied per 128-wide K
+block (``fp8_gemm``). The input is saved for backward as its fp8 data and scales, never in bf16; the
+weight-grad GEMM re-tiles it along tokens (``requantize_transposed``). The weight itself (fp32 or bf16
+master) is saved as the Parameter (no copy) and re-quantised in backward, which gives the forward's
+blocks bit for bit. Autocast is switched off inside: the fp8 partial products must be summed in fp32,
+and autocast would run them in bf16.
+
+The weight-grad GEMM can be deferred through ``WeightGradStore`` (Zero Bubble's B/W split).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from moelib.precision import fp8
+from moelib.precision.telemetry import Fp8Telemetry
+
+TILE = fp8.TILE
+ACT, WEIGHT = (1, TILE), (TILE, TILE)
+
+
+@dataclass(frozen=True)
+class Fp8Kernels:
+    """The five functions the FP8 Linear needs; the emulated core and moelib_cuda share their signatures."""
+
+    name: str
+    quantize: Callable
+    quantize_transposed: Callable
+    requantize_transposed: Callable
+    fp8_gemm: Callable
+    fp8_grouped_gemm: Callable
+
+
+EMULATED = Fp8Kernels("emulated", fp8.quantize, fp8.quantize_transposed, fp8.requantize_transposed,
+                      fp8.fp8_gemm, fp8.fp8_grouped_gemm)
+
+
+def triton_kernels() -> Fp8Kernels:
+    """moelib_cuda's kernels (the caller checks ``moelib_cuda.triton_unavailable_reason()`` first)."""
+    from moelib_cuda import gemm, quant
+
+    return Fp8Kernels("triton", quant.quantize, quant.quantize_transposed, quant.requantize_transposed,
+                      gemm.fp8_gemm, gemm.fp8_grouped_gemm)
+
+
+@dataclass(frozen=True)
+class Fp8Options:
+    """Per-call numerics: which kernels, and where scales are rounded to powers of two."""
+
+    kernels: Fp8Kernels = EMULATED
+    pow2_scales: bool = False  # every tensor (PrecisionConfig.pow2_scales)
+    pow2_input: bool = False   # this GEMM's input (V3: attention-output projection, expert input)
+
+    @property
+    def pow2_x(self) -> bool:
+        return self.pow2_scales or self.pow2_input
+
+
+class WeightGradStore:
+    """Deferred weight-grad GEMMs for the zero-bubble B/W split, with DualPipe's interface.
+
+    While ``enabled``, an FP8 Linear's backward computes dX only and ``put``s a closure that computes dW
+    and accumulates it into ``weight.grad``. ``flush()`` closes the closures queued so far into one group
+    (one micro-batch's backward); ``pop()`` runs the oldest group, ``pop_all()`` every group. The closure
+    holds the fp8 operands (dYᵀ quantised at once, the input's fp8 cache), not the bf16 gradient.
+    Each ``deferred()`` block queues exactly one group, empty when nothing was deferred (the bf16 and fp32
+    backends compute dW inside backward), so a schedule can pair every deferred B with one ``pop()``.
+    Weights that are not leaves (a cast or view) cannot receive a ``.grad`` later, so theirs is computed
+    at once.
+    """
+
+    enabled = False
+    _cache: list[Callable[[], None]] = []
+    _queue: deque[list[Callable[[], None]]] = deque()
+
+    @classmethod
+    @contextlib.contextmanager
+    def deferred(cls) -> Iterator[None]:
+        """Queue weight grads for the backward passes run inside; the group is flushed on exit."""
+        prev, cls.enabled = cls.enabled, True
+        try:
+            yield
+        finally:
+            cls.enabled = prev
+            cls._queue.append(cls._cache)
+            cls._cache = []
+
+    @classmethod
+    @contextlib.contextmanager
+    def deferring(cls, enabled: bool) -> Iterator[None]:
+        """Queue (or not) the weight grads of the backward passes run inside, without closing a group:
+        a pipeline runs one micro-batch's backward in several pieces, then calls ``end_group``."""
+        prev, cls.enabled = cls.enabled, enabled
+        try:
+            yield
+        finally:
+            cls.enabled = prev
+
+    @classmethod
+    def end_group(cls) -> None:
+        """Close the group of weight grads queued so far, even an empty one, so that each deferring
+        backward has exactly one group for its W to pop."""
+        cls._queue.append(cls._cache)
+        cls._cache = []
+
+    @classmethod
+    def put(cls, fn: Callable[[], None]) -> None:
+        cls._cache.append(fn)
+
+    @classmethod
+    def flush(cls) -> None:
+        if cls._cache:
+            cls._queue.append(cls._cache)
+            cls._cache = []
+
+    @classmethod
+    def pop(cls) -> None:
+        """Run the oldest flushed group of weight-grad GEMMs."""
+        if not cls._queue:
+            raise RuntimeError("WeightGradStore.pop: no deferred weight-grad group is queued (flush first).")
+        for fn in cls._queue.popleft():
+            fn()
+
+    @classmethod
+    def pop_all(cls) -> None:
+        cls.flush()
+        while cls._queue:
+            cls.pop()
+
+    @classmethod
+    def pending(cls) -> int:
+        """Groups queued (plus one for closures not yet flushed)."""
+        return len(cls._queue) + bool(cls._cache)
+
+    @classmethod
+    def clear(cls) -> None:
+        cls._cache, cls._queue = [], deque()
+
+
+def _accumulate(weight: torch.Tensor, grad: torch.Tensor) -> None:
+    with torch.no_grad():
+        if weight.grad is None:
+            weight.grad = grad
+        else:
+            weight.grad += grad
+
+
+def _weight_grad_or_defer(weight: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """dW now (returned to autograd), or queued in WeightGradStore (None to autograd)."""
+    if WeightGradStore.enabled and weight.is_leaf:
+        WeightGradStore.put(lambda: _accumulate(weight, compute().to(weight.dtype)))
+        return None
+    return compute().to(weight.dtype)
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    """What a Linear would return here: the autocast dtype under autocast, else the input's dtype."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _wgrad_operands(k: Fp8Kernels, dy: torch.Tensor, qx: torch.Tensor, sx: torch.Tensor, pow2_dy: bool,
+                    pow2_x: bool, name: str) -> tuple[torch.Tensor, ...]:
+    """dYᵀ and Xᵀ in 1×128 tiles along tokens: the weight-grad GEMM contracts over them."""
+    qg, sg = k.quantize_transposed(dy, pow2_scale=pow2_dy, name=f"{name} output gradient")
+    qxt, sxt = k.requantize_transposed(qx, sx, ACT, pow2_scale=pow2_x, name=f"{name} input")
+    return qg, sg, qxt, sxt
+
+
+class Fp8LinearFunction(torch.autograd.Function):
+    """y = x·weightᵀ with all three GEMMs in FP8. apply(x, weight, options, name, telemetry)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, opts: Fp8Options, name: str, telemetry: Fp8Telemetry | None):
+        k, out_dtype = opts.kernels, _out_dtype(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        with torch.autocast(x.device.type, enabled=False):
+            qx, sx = k.quantize(x2, ACT, pow2_scale=opts.pow2_x, name=f"{name} input")
+            w = weight.detach()
+            qw, sw = k.quantize(w, WEIGHT, pow2_scale=opts.pow2_scales, name=f"{name} weight")
+            y = k.fp8_gemm(qx, sx, qw, sw, out_dtype)
+        sampled = telemetry is not None and telemetry.sample()
+        if sampled:
+            telemetry.record("input", x2, qx, ACT)
+            telemetry.record("weight", w, qw, WEIGHT)
+        ctx.save_for_backward(qx, sx, weight)
+        ctx.opts, ctx.name, ctx.x_shape, ctx.x_dtype = opts, name, x.shape, x.dtype
+        ctx.telemetry = telemetry if sampled else None
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        qx, sx, weight = ctx.saved_tensors
+        opts, name = ctx.opts, ctx.name
+        k = opts.kernels
+        dy = dy.reshape(-1, dy.shape[-1])
+        grad_x = grad_w = None
+        with torch.autocast(dy.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                qg, sg = k.quantize(dy, ACT, pow2_scale=opts.pow2_scales, name=f"{name} output gradient")
+                qw, sw = k.quantize(weight.detach(), WEIGHT, pow2_scale=opts.pow2_scales, name=f"{name} weight")
+                # Wᵀ's 128×128 blocks are W's blocks transposed: pass the transposed views, no requantisation.
+                grad_x = k.fp8_gemm(qg, sg, qw.t(), sw.t(), ctx.x_dtype).view(ctx.x_shape)
+                if ctx.telemetry is not None:
+                    ctx.telemetry.record("grad", dy, qg, ACT)
+            if ctx.needs_input_grad[1]:
+                ops = _wgrad_operands(k, dy, qx, sx, opts.pow2_scales, opts.pow2_x, name)
+                grad_w = _weight_grad_or_defer(
+                    weight, lambda: k.fp8_gemm(ops[0], ops[1], ops[2], ops[3], torch.float32, b_block=ACT))
+        return grad_x, grad_w, None, None, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, opts: Fp8Options = Fp8Options(), name: str = "linear",
+               telemetry: Fp8Telemetry | None = None) -> torch.Tensor:
+    """x·weightᵀ (bias-free) with FP8 forward, input-grad and weight-grad GEMMs; x [..., K], weight [N, K]."""
+    return Fp8LinearFunction.apply(x, weight, opts, name, telemetry)
+
+
+# ---- grouped (routed experts) ---------------------------------------------------------------------------
+
+
+def quantize_experts(k: Fp8Kernels, w: torch.Tensor, pow2: bool, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, N, K] weights in 128×128 blocks per expert: data [E, N, K], scale_inv [E, ⌈N/128⌉, ⌈K/128⌉]."""
+    e, n, kk = w.shape
+    if n % TILE == 0:  # blocks cannot straddle experts: one call over all of them
+        q, s = k.quantize(w.reshape(e * n, kk), WEIGHT, pow2_scale=pow2, name=name)
+        return q.view(e, n, kk), s.view(e, n // TILE, -1)
+    parts = [k.quantize(w[i], WEIGHT, pow2_scale=pow2, name=name) for i in range(e)]
+    return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+
+
+class Fp8GroupedLinearFunction(torch.autograd.Function):
+    """Routed experts' y[rows of e] = x[rows of e]·weight[e]ᵀ, all three GEMMs in FP8.
+
+    apply(x [S, K] sorted by expert, weight [E, N, K], counts [E], options, name, telemetry). The forward
+    and input-grad GEMMs are one grouped GEMM each; the weight-grad GEMM loops over experts, because each
+    expert's tokens must be re-tiled along tokens on their own (a tile may not straddle two experts).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, counts, opts: Fp8Options, name: str, telemetry: Fp8Telemetry | None):
+        k, out_dtype = opts.kernels, _out_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            qx, sx = k.quantize(x, ACT, pow2_scale=opts.pow2_x, name=f"{name} input")
+            w = weight.detach()
+            qw, sw = quantize_experts(k, w, opts.pow2_scales, f"{name} weight")
+            y = k.fp8_grouped_gemm(qx, sx, qw, sw, counts, out_dtype)
+        sampled = telemetry is not None and telemetry.sample()
+        if sampled:
+            telemetry.record("input", x, qx, ACT)
+            telemetry.record("weight", w, qw, WEIGHT)
+        ctx.save_for_backward(qx, sx, weight, counts)
+        ctx.opts, ctx.name, ctx.x_dtype = opts, name, x.dtype
+        ctx.telemetry = telemetry if sampled else None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        qx, sx, weight, counts = ctx.saved_tensors
+        opts, name = ctx.opts, ctx.name
+        k = opts.kernels
+        dy = dy.contiguous()
+        grad_x = grad_w = None
+        with torch.autocast(dy.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                qg, sg = k.quantize(dy, ACT, pow2_scale=opts.pow2_scales, name=f"{name} output gradient")
+                qw, sw = quantize_experts(k, weight.detach(), opts.pow2_scales, f"{name} weight")
+                grad_x = k.fp8_grouped_gemm(qg, sg, qw.transpose(1, 2), sw.transpose(1, 2), counts, ctx.x_dtype)
+                if ctx.telemetry is not None:
+                    ctx.telemetry.record("grad", dy, qg, ACT)
+            if ctx.needs_input_grad[1]:
+                groups, start = [], 0
+                for e, size in enumerate(counts.tolist()):
+                    if size:
+                        rows = slice(start, start + size)
+                        groups.append((e, _wgrad_operands(k, dy[rows], qx[rows], sx[rows], opts.pow2_scales,
+                                                          opts.pow2_x, name)))
+                    start += size
+
+                def compute() -> torch.Tensor:
+                    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                    for e, ops in groups:
+                        dw[e] = k.fp8_gemm(ops[0], ops[1], ops[2], ops[3], torch.float32, b_block=ACT)
+                    return dw
+
+                grad_w = _weight_grad_or_defer(weight, compute)
+        return grad_x, grad_w, None, None, None, None
+
+
+def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
+                       opts: Fp8Options = Fp8Options(), name: str = "experts",
+                       telemetry: Fp8Telemetry | None = None) -> torch.Tensor:
+    """Grouped FP8 Linear over experts' contiguous token groups (see Fp8GroupedLinearFunction)."""
+    return Fp8GroupedLinearFunction.apply(x, weight, counts, opts, name, telemetry)
