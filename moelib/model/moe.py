@@ -34,7 +34,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [S, H] sorted by expert, counts [E] rows per expert."""
-        gate, up = self.backend.grouped_linear(x, self.gate_up_proj, counts).chunk(2, dim=-1)
+        gate, up = self.backend.grouped_linear(x, self.gate_up_proj, counts, pow2_input=True).chunk(2, dim=-1)
         return self.backend.grouped_linear(F.silu(gate) * up, self.down_proj, counts)
 
     def expert_weights(self, e: int) -> dict[str, torch.Tensor]:
@@ -69,7 +69,9 @@ class GroupedExperts(nn.Module):
 
 @dataclass
 class DispatchState:
+    order: torch.Tensor    # [N*k]: the (token, slot) pairs in expert order
     inverse: torch.Tensor  # [N*k]: where each (token, slot) pair sits in expert order
+    weights: torch.Tensor  # [N, k]: gate values, applied when combining
     num_tokens: int
     top_k: int
 
@@ -91,21 +93,41 @@ class _PermuteTokens(torch.autograd.Function):
         return grad[inverse].view(-1, ctx.top_k, grad.shape[-1]).sum(1), None, None, None
 
 
-class LocalDispatcher:
-    """All experts on this process: sort (token, slot) pairs by expert, gather, and undo it."""
+class _Unpermute(torch.autograd.Function):
+    """y[inverse] for a permutation; the backward is the gather by the forward order (no scatter-add)."""
 
-    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, num_experts: int):
+    @staticmethod
+    def forward(ctx, y, inverse, order):
+        ctx.save_for_backward(order)
+        return y[inverse]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (order,) = ctx.saved_tensors
+        return grad[order], None, None
+
+
+class LocalDispatcher:
+    """All experts on this process: sort (token, slot) pairs by expert, gather, and undo it.
+
+    The Dispatcher protocol the MoE layer talks to: ``dispatch(x, indices, weights, num_experts)`` returns
+    the rows this process's experts must compute (sorted by local expert), the row count of each local
+    expert and a state; ``combine(y, state)`` returns sum_k weight_k * expert_k(x) per token.
+    """
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, num_experts: int):
         flat = indices.reshape(-1)
         order = torch.argsort(flat, stable=True)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         counts = torch.bincount(flat, minlength=num_experts)
         top_k = indices.shape[1]
-        return _PermuteTokens.apply(x, order, inverse, top_k), counts, DispatchState(inverse, x.shape[0], top_k)
+        state = DispatchState(order, inverse, weights, x.shape[0], top_k)
+        return _PermuteTokens.apply(x, order, inverse, top_k), counts, state
 
-    def combine(self, y: torch.Tensor, weights: torch.Tensor, state: DispatchState) -> torch.Tensor:
+    def combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
         """y [N*k, H] in expert order -> sum_k weight_k * y_k per token, [N, H]."""
-        unsorted = y[state.inverse].view(state.num_tokens, state.top_k, -1)
-        return torch.bmm(weights.unsqueeze(1).to(y.dtype), unsorted).squeeze(1)
+        unsorted = _Unpermute.apply(y, state.inverse, state.order).view(state.num_tokens, state.top_k, -1)
+        return torch.bmm(state.weights.unsqueeze(1).to(y.dtype), unsorted).squeeze(1)
 
 
 class AuxLossBackprop(torch.autograd.Function):
@@ -141,18 +163,31 @@ class MoE(nn.Module):
         self.last_aux_loss = torch.zeros(())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bsz, seqlen, hidden = x.shape
-        flat = x.reshape(-1, hidden)
+        flat, indices, weights, scores = self.route(x)
+        routed_in, counts, state = self.dispatcher.dispatch(flat, indices, weights, self.num_experts)
+        routed_out = self.dispatcher.combine(self.experts(routed_in, counts), state)
+        return self.finish(flat, routed_out, indices, scores, counts, x.shape)
+
+    # The pieces of forward, also called one by one by the pipeline's overlapped schedule, which runs
+    # the dispatch and combine all-to-alls between them.
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, H] -> (tokens [N, H], expert indices [N, k], gate weights [N, k], scores [N, E])."""
+        flat = x.reshape(-1, x.shape[-1])
         indices, weights, scores = self.gate(flat)
-        routed_in, counts, state = self.dispatcher.dispatch(flat, indices, self.num_experts)
-        out = self.dispatcher.combine(self.experts(routed_in, counts), weights, state)
+        return flat, indices, weights, scores
+
+    def finish(self, flat: torch.Tensor, routed_out: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor,
+               counts: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Routed output + shared experts, load statistics and the balance loss's gradient hook."""
+        out = routed_out
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
-        out = out.view(bsz, seqlen, hidden)
+        out = out.view(shape)
         if self.training:
             self.load_counts += counts.detach().to(self.load_counts.dtype)
             if self.aux_loss_alpha > 0 and torch.is_grad_enabled():
-                aux = self.aux_loss_alpha * sequence_balance_loss(scores, indices, bsz, self.top_k)
+                aux = self.aux_loss_alpha * sequence_balance_loss(scores, indices, shape[0], self.top_k)
                 self.last_aux_loss = aux.detach()
                 out = AuxLossBackprop.apply(out, aux, self.aux_loss_scale)
         return out

@@ -30,6 +30,24 @@ def group_limited_topk(biased: torch.Tensor, top_k: int, n_group: int, topk_grou
     return biased.topk(top_k, dim=-1).indices
 
 
+def node_limited_scores(biased: torch.Tensor, top_k: int, experts_per_node: int, max_nodes: int) -> torch.Tensor:
+    """Biased scores with every expert outside the token's max_nodes best nodes set to -inf.
+
+    A node holds experts_per_node consecutive experts; its score is the sum of its ceil(top_k/max_nodes)
+    best biased scores (V3: "the highest K_r/M affinity scores"). Selection only: gate values still
+    come from the unbiased scores of the chosen experts.
+    """
+    n_tokens, n_experts = biased.shape
+    n_nodes = n_experts // experts_per_node
+    if max_nodes >= n_nodes:
+        return biased
+    nodes = biased.view(n_tokens, n_nodes, experts_per_node)
+    per_node = min(experts_per_node, -(-top_k // max_nodes))
+    keep = nodes.topk(per_node, dim=-1).values.sum(-1).topk(max_nodes, dim=-1).indices
+    mask = torch.zeros(n_tokens, n_nodes, dtype=torch.bool, device=biased.device).scatter_(1, keep, True)
+    return nodes.masked_fill(~mask.unsqueeze(-1), float("-inf")).view(n_tokens, n_experts)
+
+
 class Router(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -39,6 +57,8 @@ class Router(nn.Module):
         # The gate stays in fp32 (V3 keeps it out of FP8 and bf16).
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+        # Node-limited routing, (experts_per_node, max_nodes); set by moelib.parallel.expert_parallel.
+        self.node_limit: tuple[int, int] | None = None
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
@@ -49,8 +69,10 @@ class Router(nn.Module):
         """x [N, hidden] -> (indices [N, k], gate weights [N, k] fp32, scores [N, E] fp32)."""
         scores = self.scores(x)
         with torch.no_grad():
-            indices = group_limited_topk(scores + self.e_score_correction_bias, self.top_k,
-                                         self.n_group, self.topk_group)
+            biased = scores + self.e_score_correction_bias
+            if self.node_limit is not None:
+                biased = node_limited_scores(biased, self.top_k, *self.node_limit)
+            indices = group_limited_topk(biased, self.top_k, self.n_group, self.topk_group)
         weights = scores.gather(1, indices)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

@@ -6,6 +6,7 @@ does not own (and the embedding, norm or head) while every parameter keeps its g
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -35,8 +36,12 @@ class DecoderLayer(nn.Module):
             cfg.hidden_size, cfg.intermediate_size, backend)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        x = self.attention(x, cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The first residual block (the pipeline's overlapped schedule runs the MoE half in pieces)."""
+        return x + self.self_attn(self.input_layernorm(x), cos, sin)
 
 
 class MTPModule(nn.Module):
@@ -125,15 +130,22 @@ class Transformer(nn.Module):
         if labels.shape != tokens.shape:
             raise DataError(f"labels shape {tuple(labels.shape)} differs from tokens shape {tuple(tokens.shape)}")
         cos, sin = self.rope(tokens.shape[1], tokens.device)
-        h = self.norm(self.decoder(self.embed(tokens), cos, sin))
+        return self.head_loss(self.decoder(self.embed(tokens), cos, sin), labels, mtp_weight, cos, sin)
+
+    def head_loss(self, h: torch.Tensor, labels: torch.Tensor, mtp_weight: float, cos: torch.Tensor,
+                  sin: torch.Tensor, embedding: nn.Embedding | None = None) -> LossOutput:
+        """The losses from the last decoder layer's output: final norm, head, MTP depths. A pipeline's last
+        stage passes the embedding it shares with the first stage."""
+        embedding = embedding if embedding is not None else self.embed_tokens
+        h = self.norm(h)
         lm_loss = cross_entropy(self.lm_head(h), labels)
         mtp_losses = []
         for k, module in enumerate(self.mtp if mtp_weight > 0 else (), start=1):
             next_tokens = shift_left(labels, k - 1, 0).clamp(min=0)
-            h = module(h, self.embed(next_tokens), cos, sin)
+            h = module(h, embedding(next_tokens), cos, sin)
             mtp_losses.append(cross_entropy(self.lm_head(h), shift_left(labels, k, IGNORE_INDEX)))
         loss = lm_loss
-        if mtp_losses and mtp_weight > 0:
+        if mtp_losses:
             loss = loss + mtp_weight / len(mtp_losses) * torch.stack(mtp_losses).sum()
         return LossOutput(loss, lm_loss, mtp_losses)
 
@@ -160,31 +172,37 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
+def _tensor_seed(seed: int, name: str) -> int:
+    return zlib.crc32(f"{seed}:{name}".encode())
+
+
 @torch.no_grad()
-def init_weights(model: Transformer, std: float) -> None:
-    """Normal(0, std) for every matrix (V3: std 0.006), ones for norms, zero router bias."""
-    for module in model.modules():
-        if isinstance(module, RMSNorm):
-            module.weight.fill_(1.0)
-        for p in module.parameters(recurse=False):
-            if p.dim() >= 2:
-                p.normal_(0.0, std)
-        if hasattr(module, "e_score_correction_bias"):
-            module.e_score_correction_bias.zero_()
+def init_weights(model: Transformer, std: float, seed: int) -> None:
+    """Normal(0, std) for every matrix (V3: std 0.006), ones for norms, zero router bias.
+
+    Each tensor draws from its own generator keyed by its global name (per expert for stacked experts),
+    so a pipeline stage or an expert-parallel shard initialises exactly the weights the full model has.
+    """
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name.endswith("e_score_correction_bias"):
+            tensor.zero_()
+        elif tensor.dim() == 1:
+            tensor.fill_(1.0)
+        else:
+            gen = torch.Generator().manual_seed(_tensor_seed(seed, name))
+            tensor.copy_(torch.randn(tensor.shape, generator=gen) * std)
 
 
 def build_model(cfg: ModelConfig, precision: PrecisionConfig | str | None = None, *,
                 device: torch.device | str | None = None, seed: int | None = None) -> Transformer:
-    """The full model, initialised; ``seed`` makes the initial weights reproducible."""
+    """The full model, initialised; ``seed`` makes the initial weights reproducible (without it the
+    seed comes from torch's global generator)."""
     backend = get_backend(precision)
     if device is not None and torch.device(device).type == "meta":
         with torch.device("meta"):
             return Transformer(cfg, backend)
     model = Transformer(cfg, backend)
-    gen_state = torch.random.get_rng_state()
-    if seed is not None:
-        torch.manual_seed(seed)
-    init_weights(model, cfg.init_std)
-    if seed is not None:
-        torch.random.set_rng_state(gen_state)
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    init_weights(model, cfg.init_std, seed)
     return model.to(device) if device is not None else model

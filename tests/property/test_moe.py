@@ -232,12 +232,13 @@ def test_dispatch_combine_round_trip(n_tokens, n_experts, data, hidden, seed):
     indices = random_routing(n_tokens, n_experts, top_k, gen)
     x = torch.randn(n_tokens, hidden, generator=gen)
     disp = LocalDispatcher()
-    routed, counts, state = disp.dispatch(x, indices, n_experts)
+    ones = torch.ones(n_tokens, top_k)
+    routed, counts, state = disp.dispatch(x, indices, ones, n_experts)
 
     assert routed.shape == (n_tokens * top_k, hidden)
     assert counts.tolist() == [sum(e in row for row in indices.tolist()) for e in range(n_experts)]
     # Expert e's segment holds exactly the tokens routed to e.
-    ids, _, _ = disp.dispatch(torch.arange(n_tokens, dtype=torch.float32).unsqueeze(1), indices, n_experts)
+    ids, _, _ = disp.dispatch(torch.arange(n_tokens, dtype=torch.float32).unsqueeze(1), indices, ones, n_experts)
     ids = ids.squeeze(1).long()
     torch.testing.assert_close(routed, x[ids], rtol=0, atol=0)
     for e, rows in segments(counts.tolist()):
@@ -245,13 +246,13 @@ def test_dispatch_combine_round_trip(n_tokens, n_experts, data, hidden, seed):
         assert sorted(ids[list(rows)].tolist()) == want
 
     # Identity experts, weight 1: every token comes back top_k times.
-    back = disp.combine(routed, torch.ones(n_tokens, top_k), state)
+    back = disp.combine(routed, state)
     torch.testing.assert_close(back, top_k * x, rtol=1e-6, atol=1e-6)
     # Expert e multiplies by (e + 1); random weights: sum_k w_k (idx_k + 1) x.
     w = torch.rand(n_tokens, top_k, generator=gen)
     expert_of_row = torch.repeat_interleave(torch.arange(n_experts), counts)
     y = routed * (expert_of_row + 1).unsqueeze(1).float()
-    back = disp.combine(y, w, state)
+    back = disp.combine(y, disp.dispatch(x, indices, w, n_experts)[2])
     want = ((w * (indices + 1).float()).sum(-1, keepdim=True)) * x
     torch.testing.assert_close(back, want, rtol=1e-5, atol=1e-5)
 
