@@ -51,13 +51,15 @@ def test_tiny_preset_loss_drops(stream):
 
 @pytest.mark.slow
 def test_bias_update_reduces_max_violation(stream):
-    """Same data, same seed: aux-loss-free balancing (gamma > 0) against no balancing at all. gamma is
-    scaled up from V3's 1e-3 because this run is 80 steps, not hundreds of thousands."""
-    trainer, balanced = run(stream, 80, gamma=1e-2)
+    """Same data, same seed: aux-loss-free balancing (gamma > 0) against no balancing at all. Without it
+    the router collapses onto 4 of 16 experts (MaxVio 3, the maximum for top-4). gamma is scaled up from
+    V3's 1e-3 because this run is 80 steps, not hundreds of thousands; with 256 tokens a step, counts are
+    noisy, so the mean MaxVio of the last 20 steps is compared (measured: 1.20 against 2.84)."""
+    trainer, balanced = run(stream, 80, gamma=3e-2)
     _, unbalanced = run(stream, 80, gamma=0.0)
     vio_on = sum(r.max_vio for r in balanced[-20:]) / 20
     vio_off = sum(r.max_vio for r in unbalanced[-20:]) / 20
-    assert vio_on < 0.5 * vio_off, (vio_on, vio_off)
+    assert vio_off > 2.5 and vio_on < 0.6 * vio_off, (vio_on, vio_off)
     biases = [m.gate.e_score_correction_bias for m in trainer.model.moe_layers().values()]
     assert all(b.abs().max() > 0 for b in biases)
     assert abs(sum(r.lm_loss for r in balanced[-10:]) - sum(r.lm_loss for r in unbalanced[-10:])) / 10 < 0.5
