@@ -1,37 +1,39 @@
-"""DeepSeek-V3-style pretraining.
+"""DeepSeek-V3-style pretraining, on one process or many.
 
-    python recipes/v3_pretrain.py                      # tiny model on the default corpus
-    python recipes/v3_pretrain.py --config small --train-iters 1000 --precision bf16
+    python recipes/v3_pretrain.py                          # tiny model, default corpus, one process
+    mpirun -n 16 python recipes/v3_pretrain.py             # the same, PP x EP x DP chosen for 16 ranks
+    mpirun -n 8 python recipes/v3_pretrain.py --config small --pipeline-model-parallel-size 2 \\
+        --expert-model-parallel-size 4 --train-iters 1000
 
-Runs in one process for now (the MPI launch with pipeline and expert parallelism builds on it). With
-no --data-path it trains on the embedded default corpus: this interpreter's standard-library sources,
-tokenised with a byte-level BPE trained locally on first use.
+With no --data-path it trains on the embedded default corpus: this interpreter's standard-library
+sources, tokenised with a byte-level BPE trained locally on first use. Without layout flags the layout
+comes from moelib.parallel.mesh.auto_layout for the world size.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moelib import ModelConfig, MoelibError, TrainConfig  # noqa: E402
-from moelib.config import PRECISION_BACKENDS, PRESETS  # noqa: E402
+from moelib.config import PIPELINE_SCHEDULES, PRECISION_BACKENDS, PRESETS, ParallelConfig  # noqa: E402
+from moelib.parallel import launch  # noqa: E402
+from moelib.parallel.mesh import auto_layout  # noqa: E402
 from moelib.train.checkpoint import save_checkpoint  # noqa: E402
 from moelib.train.data import BatchLoader, PackedDataset, default_corpus  # noqa: E402
 from moelib.train.tokenizer import Tokenizer  # noqa: E402
-from moelib.train.trainer import Trainer  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny", help=f"model preset: {', '.join(PRESETS)}")
-    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--global-batch-size", type=int, default=None,
+                   help="default: micro-batch size x micro-batches x data-parallel size")
     p.add_argument("--seq-length", type=int, default=128)
     p.add_argument("--train-iters", type=int, default=300)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -39,17 +41,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr-warmup-iters", type=int, default=30)
     p.add_argument("--precision", default="bf16", choices=PRECISION_BACKENDS)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=None)
+    p.add_argument("--expert-model-parallel-size", type=int, default=None)
+    p.add_argument("--pipeline-schedule", choices=PIPELINE_SCHEDULES, default=None)
+    p.add_argument("--num-microbatches", type=int, default=None)
     p.add_argument("--data-path", help="prefix of a Megatron indexed dataset (.bin/.idx); default: the embedded corpus")
     p.add_argument("--tokenizer", help="tokenizer.json of --data-path (for its vocabulary size and EOD id)")
     p.add_argument("--save", default="checkpoints/v3_pretrain", help="directory for the final checkpoint")
     p.add_argument("--log-interval", type=int, default=25)
-    p.add_argument("--log-json", help="append one JSON line per logged step to this file")
+    p.add_argument("--log-json", help="rank 0 appends one JSON line per logged step to this file")
     return p.parse_args(argv)
 
 
+def layout(args, world: int, model_cfg: ModelConfig) -> ParallelConfig:
+    flags = (args.pipeline_model_parallel_size, args.expert_model_parallel_size, args.pipeline_schedule,
+             args.num_microbatches)
+    if all(f is None for f in flags):
+        return auto_layout(world, model_cfg)
+    pp = args.pipeline_model_parallel_size or 1
+    schedule = args.pipeline_schedule or ("dualpipe" if pp > 1 and pp % 2 == 0 else "1f1b")
+    par = ParallelConfig(pipeline_model_parallel_size=pp, expert_model_parallel_size=args.expert_model_parallel_size
+                         or 1, pipeline_schedule=schedule, num_microbatches=args.num_microbatches)
+    par.validate(world, model_cfg)
+    return par
+
+
 def main(argv=None) -> int:
+    import json
+
+    from moelib.parallel.engine import ParallelTrainer
+
     args = parse_args(argv)
+    env = launch.init()
+    say = launch.rank_zero_print
     model_cfg = ModelConfig.from_preset(args.config)
+    par = layout(args, env.world_size, model_cfg)
     train_cfg = TrainConfig(micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
                             train_iters=args.train_iters, lr=args.lr, min_lr=args.min_lr,
                             lr_warmup_iters=args.lr_warmup_iters, seed=args.seed, log_interval=args.log_interval,
@@ -57,7 +83,7 @@ def main(argv=None) -> int:
     if args.data_path:
         data_prefix, tokenizer_path = args.data_path, args.tokenizer
     else:
-        print(f"default corpus: standard-library sources, BPE vocabulary {model_cfg.vocab_size} (cached)")
+        say(f"default corpus: standard-library sources, BPE vocabulary {model_cfg.vocab_size} (cached)")
         data_prefix, tokenizer_path = default_corpus(model_cfg.vocab_size)
     eod = None
     if tokenizer_path:
@@ -67,36 +93,58 @@ def main(argv=None) -> int:
                               f"vocab_size {model_cfg.vocab_size}")
         eod = tok.eod
     dataset = PackedDataset(data_prefix, train_cfg.seq_length, eod_id=eod, vocab_size=model_cfg.vocab_size)
-    loader = BatchLoader(dataset, train_cfg.micro_batch_size, seed=train_cfg.seed)
-    torch.manual_seed(train_cfg.seed)
-    trainer = Trainer(model_cfg, train_cfg)
+    trainer = ParallelTrainer(model_cfg, train_cfg, par)
+    mesh = trainer.mesh
+    global_batch = args.global_batch_size or trainer.global_batch_size
+    if global_batch != trainer.global_batch_size:
+        raise MoelibError(f"--global-batch-size {global_batch} must equal micro-batch size x micro-batches x "
+                          f"data-parallel size = {train_cfg.micro_batch_size} x {par.microbatches} x {mesh.dp}")
+    loader = BatchLoader(dataset, global_batch, seed=train_cfg.seed, dp_rank=mesh.dp_rank, dp_size=mesh.dp)
     counts = model_cfg.param_counts()
-    print(f"model {args.config}: {counts['total'] / 1e6:.1f}M parameters ({counts['activated'] / 1e6:.1f}M activated, "
-          f"MTP {counts['mtp'] / 1e6:.1f}M), precision {args.precision}, {dataset.num_tokens:,} tokens of data")
-    log_file = open(args.log_json, "a") if args.log_json else None
+    say(f"model {args.config}: {counts['total'] / 1e6:.1f}M parameters ({counts['activated'] / 1e6:.1f}M activated, "
+        f"MTP {counts['mtp'] / 1e6:.1f}M); {env.world_size} rank(s): {mesh.describe()}; precision {args.precision}; "
+        f"global batch {global_batch} x {train_cfg.seq_length} tokens; {dataset.num_tokens:,} tokens of data")
+    log_file = open(args.log_json, "a") if args.log_json and env.is_main else None
+    progress = None
+    if env.is_main and sys.stderr.isatty():
+        from tqdm import tqdm
 
-    def log(r):
-        print(f"step {r.step:5d} | loss {r.lm_loss:.4f} | mtp {r.mtp_loss:.4f} | lr {r.lr:.2e} | "
-              f"grad norm {r.grad_norm:.2f} | MaxVio {r.max_vio:.3f} | {r.tokens_per_s:,.0f} tok/s", flush=True)
-        if log_file:
-            log_file.write(json.dumps(vars(r)) + "\n")
-            log_file.flush()
-
-    start = time.perf_counter()
-    results = list(trainer.train(loader, log=log))
-    first, last = results[0].lm_loss, sum(r.lm_loss for r in results[-10:]) / min(10, len(results))
-    path = save_checkpoint(args.save, trainer.model, model_cfg, trainer.step,
-                           extra={"train": {"consumed_samples": loader.consumed_samples},
-                                  "data": loader.state_dict()})
-    print(f"done: {len(results)} steps in {time.perf_counter() - start:.0f}s, loss {first:.3f} -> {last:.3f} "
-          f"(mean of the last 10 steps)")
-    print(f"checkpoint: {path}")
+        progress = tqdm(total=train_cfg.train_iters, unit="step", dynamic_ncols=True)
+    start, first, recent = time.perf_counter(), None, []
+    for _ in range(train_cfg.train_iters):
+        tokens, labels = loader.next_batch()
+        r = trainer.train_step(tokens, labels)
+        first = r.lm_loss if first is None else first
+        recent = (recent + [r.lm_loss])[-10:]
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{r.lm_loss:.3f}")
+        if r.step % train_cfg.log_interval == 0 or r.step == 1:
+            line = (f"step {r.step:5d} | loss {r.lm_loss:.4f} | mtp {r.mtp_loss:.4f} | lr {r.lr:.2e} | "
+                    f"grad norm {r.grad_norm:.2f} | MaxVio {r.max_vio:.3f} | {r.tokens_per_s:,.0f} tok/s")
+            if progress is not None:
+                progress.write(line)
+            else:
+                say(line)
+            if log_file:
+                log_file.write(json.dumps({k: v for k, v in vars(r).items() if k != "events"}) + "\n")
+                log_file.flush()
+    if progress is not None:
+        progress.close()
+    path = save_checkpoint(args.save, trainer.state_dict(), model_cfg, trainer.step,
+                           extra={"layout": mesh.describe(), "data": loader.state_dict()})
+    say(f"done: {trainer.step} steps in {time.perf_counter() - start:.0f}s, loss {first:.3f} -> "
+        f"{sum(recent) / len(recent):.3f} (mean of the last {len(recent)} steps)")
+    say(f"checkpoint: {path}")
     return 0
 
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
     except MoelibError as e:
-        print(f"v3_pretrain: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        if launch.started_by_mpi() is False or int(__import__("os").environ.get("OMPI_COMM_WORLD_RANK", "0")) == 0:
+            print(f"v3_pretrain: error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    launch.shutdown()
+    sys.exit(code)

@@ -64,8 +64,11 @@ def _mpi_rendezvous() -> tuple[int, int, int, str, int]:
     rank, size = comm.Get_rank(), comm.Get_size()
     _abort_on_uncaught_exception()
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    local_rank = local.Get_rank()
+    local_rank, local_size = local.Get_rank(), local.Get_size()
     local.Free()
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        # Ranks sharing a CPU host split its cores instead of each starting one thread per core.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
     addr, port = (socket.gethostname(), _free_port()) if rank == 0 else (None, None)
     addr, port = comm.bcast((addr, port), root=0)
     try:  # a hostname the other nodes cannot resolve is useless; prefer an address
