@@ -143,7 +143,7 @@ if __name__ == "__main__":
     try:
         code = main()
     except MoelibError as e:
-        if launch.started_by_mpi() is False or int(__import__("os").environ.get("OMPI_COMM_WORLD_RANK", "0")) == 0:
+        if launch.process_rank() == 0:  # every rank fails alike; one says why
             print(f"v3_pretrain: error: {e}", file=sys.stderr, flush=True)
         code = 2
     launch.shutdown()

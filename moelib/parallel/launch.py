@@ -140,6 +140,16 @@ def shutdown() -> None:
     _ENV = None
 
 
+def process_rank() -> int:
+    """This process's rank, also before init() (from the launcher's variables) or after a failed one."""
+    if dist.is_initialized():
+        return dist.get_rank()
+    for var in ("RANK",) + _MPI_RANK_VARS:
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
 def rank_zero_print(*args, **kwargs) -> None:
     """Only rank 0 prints progress."""
     if not dist.is_initialized() or dist.get_rank() == 0:

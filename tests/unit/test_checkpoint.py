@@ -1,0 +1,66 @@
+import json
+
+import pytest
+import torch
+
+import moelib.train.checkpoint as ckpt
+from moelib import CheckpointError, ModelConfig
+from moelib.model import build_model
+
+CFG = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16,
+           n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2, q_lora_rank=16, kv_lora_rank=8,
+           qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, num_attention_heads=2)
+
+
+@pytest.fixture
+def model():
+    cfg = ModelConfig.from_preset("tiny", **CFG)
+    m = build_model(cfg, "fp32", seed=0)
+    for moe in m.moe_layers().values():
+        moe.gate.e_score_correction_bias.normal_()
+    return cfg, m
+
+
+def test_round_trip_and_latest(tmp_path, model):
+    cfg, m = model
+    ckpt.save_checkpoint(tmp_path, m.state_dict(), cfg, 5, extra={"data": {"consumed_samples": 40}})
+    second = ckpt.save_checkpoint(tmp_path, m.state_dict(), cfg, 10)
+    assert (tmp_path / "latest").read_text().strip() == second.name == "iter_0000010"
+    manifest, state = ckpt.load_checkpoint(tmp_path)
+    assert manifest["step"] == 10 and ModelConfig.from_dict(manifest["model"]) == cfg
+    assert state.keys() == m.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
+    assert ckpt.load_checkpoint(tmp_path / "iter_0000005")[0]["data"] == {"consumed_samples": 40}
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, model, monkeypatch):
+    cfg, m = model
+    ckpt.save_checkpoint(tmp_path, m.state_dict(), cfg, 1)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(ckpt, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, m.state_dict(), cfg, 2)
+    assert not (tmp_path / "iter_0000002").exists()
+    assert ckpt.load_checkpoint(tmp_path)[0]["step"] == 1
+    monkeypatch.undo()
+    assert ckpt.save_checkpoint(tmp_path, m.state_dict(), cfg, 2).name == "iter_0000002"  # leftovers cleaned
+
+
+def test_bad_checkpoints_name_the_file(tmp_path, model):
+    cfg, m = model
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        ckpt.load_checkpoint(tmp_path)
+    path = ckpt.save_checkpoint(tmp_path, m.state_dict(), cfg, 3)
+    shard = next(path.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=shard.name):
+        ckpt.load_checkpoint(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format"] = "something-else"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="format"):
+        ckpt.load_checkpoint(path)
