@@ -22,12 +22,11 @@ import logging
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moelib.config import PrecisionConfig
 from moelib.errors import BackendUnavailableError
-from moelib.precision.grouped import grouped_linear
+from moelib.precision.grouped import grouped_linear, linear
 from moelib.precision.linear import EMULATED, Fp8Kernels, Fp8Options, fp8_grouped_linear, fp8_linear, triton_kernels
 from moelib.precision.telemetry import telemetry_for
 
@@ -48,7 +47,7 @@ class Backend:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, *, pow2_input: bool = False,
                name: str = "linear") -> torch.Tensor:
-        return F.linear(x, weight)
+        return linear(x, weight)
 
     def grouped_linear(self, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, *,
                        pow2_input: bool = False, name: str = "experts") -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""Grouped matmul for routed experts: one GEMM over all experts' contiguous token groups.
+"""High-precision (fp32 / bf16) GEMMs of the Linears and the routed experts, with deferrable weight grads.
+
+Grouped matmul for routed experts: one GEMM over all experts' contiguous token groups.
 
 ``torch.nn.functional.grouped_mm`` does the work where its layout rules hold (16-byte aligned rows);
 otherwise a loop over experts (never over tokens) computes the same thing. Backward is written out
@@ -9,6 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from moelib.precision.linear import _weight_grad_or_defer
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -42,23 +46,33 @@ def _forward_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, offsets: l
     return _mm_groups(a, b, offsets)
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class _GroupedLinear(torch.autograd.Function):
+    """The weight arrives as the master parameter and is cast here, so its gradient can be deferred to a
+    later W step (WeightGradStore) and accumulated straight into ``weight.grad``."""
+
     @staticmethod
-    def forward(ctx, x, weight, offs):
+    def forward(ctx, x, weight, offs, dtype):
+        x_c, w_c = x.to(dtype), weight.to(dtype)
         offsets = offs.tolist()
-        ctx.save_for_backward(x, weight, offs)
-        ctx.offsets = offsets
-        return _forward_mm(x, weight.transpose(-2, -1), offs, offsets)
+        ctx.save_for_backward(x_c, w_c, offs)
+        ctx.offsets, ctx.weight, ctx.x_dtype = offsets, weight, x.dtype
+        return _forward_mm(x_c, w_c.transpose(-2, -1), offs, offsets)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, offs = ctx.saved_tensors
         offsets = ctx.offsets
-        grad_out = grad_out.contiguous()
+        grad_out = grad_out.contiguous().to(x.dtype)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = _forward_mm(grad_out, weight, offs, offsets)
-        if ctx.needs_input_grad[1]:
+            grad_x = _forward_mm(grad_out, weight, offs, offsets).to(ctx.x_dtype)
+
+        def weight_grad() -> torch.Tensor:
             grad_w = torch.empty_like(weight)
             start = 0
             for i, end in enumerate(offsets):
@@ -67,7 +81,11 @@ class _GroupedLinear(torch.autograd.Function):
                 else:
                     grad_w[i].zero_()
                 start = end
-        return grad_x, grad_w, None
+            return grad_w
+
+        if ctx.needs_input_grad[1]:
+            grad_w = _weight_grad_or_defer(ctx.weight, weight_grad)
+        return grad_x, grad_w, None, None
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -76,12 +94,36 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
     x: [S, in] sorted by expert; weight: [E, out, in]; counts: [E] rows per expert (sum S).
     Under autocast both operands are cast to the autocast dtype, as a Linear would be.
     """
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        x, weight = x.to(dtype), weight.to(dtype)
-    else:
-        weight = weight.to(x.dtype)
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    with torch.autocast(device, enabled=False):
-        return _GroupedLinear.apply(x, weight, offs)
+    dtype = _compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return _GroupedLinear.apply(x, weight, offs, dtype)
+
+
+class _Linear(torch.autograd.Function):
+    """F.linear (bias-free) whose weight gradient can be deferred, as _GroupedLinear."""
+
+    @staticmethod
+    def forward(ctx, x, weight, dtype):
+        x_c, w_c = x.to(dtype), weight.to(dtype)
+        ctx.save_for_backward(x_c, w_c)
+        ctx.weight, ctx.x_dtype = weight, x.dtype
+        return F.linear(x_c, w_c)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_out = grad_out.to(x.dtype)
+        grad_x = (grad_out @ weight).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = _weight_grad_or_defer(
+                ctx.weight, lambda: grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1]))
+        return grad_x, grad_w, None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y = x @ weight.T in the autocast dtype (or x's), with a deferrable weight gradient."""
+    dtype = _compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return _Linear.apply(x, weight, dtype)

@@ -131,8 +131,9 @@ class WeightGradStore:
         """Run the oldest flushed group of weight-grad GEMMs."""
         if not cls._queue:
             raise RuntimeError("WeightGradStore.pop: no deferred weight-grad group is queued (flush first).")
-        for fn in cls._queue.popleft():
-            fn()
+        with torch.no_grad():  # a W step is a backward computation, whoever calls it
+            for fn in cls._queue.popleft():
+                fn()
 
     @classmethod
     def pop_all(cls) -> None:

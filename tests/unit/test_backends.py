@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from moelib.config import PRECISION_BACKENDS
 from moelib.model import build_model
 from moelib.model.mla import MLA
 from moelib.precision.backends import Backend, Fp8Backend, get_backend
-from moelib.precision.linear import EMULATED
+from moelib.precision.linear import EMULATED, WeightGradStore
 from moelib.precision.te import te_unavailable_reason
 from moelib.precision.telemetry import collect_telemetry
 from moelib.train.trainer import Trainer
@@ -80,3 +82,33 @@ def test_te_backend_close_to_emulated():
         with backend.autocast("cuda"):
             outs.append(backend.linear(x, w).float())
     assert torch.allclose(outs[0], outs[1], rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_high_precision_weight_grads_can_be_deferred(precision):
+    """The zero-bubble B/W split also works without FP8: dX at once, dW when the store is popped."""
+
+
+    backend = get_backend(precision)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 16, generator=gen, requires_grad=True)
+    w = torch.randn(8, 16, generator=gen, requires_grad=True)
+    we = torch.randn(3, 8, 16, generator=gen, requires_grad=True)
+    counts = torch.tensor([5, 0, 7])
+
+    def run(defer: bool):
+        for t in (x, w, we):
+            t.grad = None
+        WeightGradStore.clear()
+        with backend.autocast("cpu"):
+            y = backend.linear(x, w).sum() + backend.grouped_linear(x, we, counts).sum()
+        with WeightGradStore.deferred() if defer else contextlib.nullcontext():
+            y.backward()
+        grads_before_w = (w.grad, we.grad)
+        WeightGradStore.pop_all()
+        return x.grad.clone(), w.grad.clone(), we.grad.clone(), grads_before_w
+
+    gx, gw, gwe, _ = run(False)
+    dx, dw, dwe, before = run(True)
+    assert before == (None, None)
+    assert torch.equal(gx, dx) and torch.equal(gw, dw) and torch.equal(gwe, dwe)
