@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for info in sorted(pkgutil.iter_modules(benchmarks.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):  # helpers (e.g. mpirun workers), not subcommands
+            continue
         module = importlib.import_module(f"benchmarks.{info.name}")
         name = info.name.replace("_", "-")
         p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])

@@ -70,7 +70,9 @@ class PipelineRuntime:
         if key in self._local:
             return self._local.pop(key)
         buf, work = self._pending.pop(key)
+        start = time.perf_counter()
         work.wait()
+        self._event("wait", "recv", start, time.perf_counter(), mb)
         return buf
 
     def _send(self, kind: str, mb: int, stage: int, tensor: torch.Tensor) -> None:
@@ -92,7 +94,7 @@ class PipelineRuntime:
         tokens, labels = self._batches[mb]
         x = tokens if s == 0 else self._take("A", mb, s - 1).requires_grad_(True)
         rec = yield from forward_steps(stage, x, labels if stage.spec.is_last else None, self.mtp_weight,
-                                       self.autocast)
+                                       self.autocast, self._comm_recorder(mb))
         self._saved[(mb, chunk)] = (x, rec)
         if isinstance(rec.output, LossOutput):
             self._record_loss(rec.output)
@@ -104,7 +106,7 @@ class PipelineRuntime:
         s = self.schedule.stage_of(self.rank, chunk)
         x, rec = self._saved.pop((mb, chunk))
         grad = None if isinstance(rec.output, LossOutput) else self._take("G", mb, s + 1)
-        yield from backward_steps(rec, grad, self._loss_scale, defer_w, comm_executor)
+        yield from backward_steps(rec, grad, self._loss_scale, defer_w, comm_executor, self._comm_recorder(mb))
         if s > 0:
             self._send("G", mb, s, x.grad)
 
@@ -135,11 +137,19 @@ class PipelineRuntime:
             if self.record:
                 self._stats.events.append({"rank": self.rank, "kind": op.kind, "mb": op.mb, "chunk": op.chunk,
                                            "b_mb": op.b_mb, "b_chunk": op.b_chunk, "start": start,
-                                           "end": time.perf_counter()})
+                                           "end": time.perf_counter(), "stream": "compute"})
         self.p2p.wait_sends()
         assert not self._saved and not self._pending, "schedule left work behind"
         WeightGradStore.pop_all()
         return self._stats
+
+    def _event(self, stream: str, kind: str, start: float, end: float, mb: int) -> None:
+        if self.record:
+            self._stats.events.append({"rank": self.rank, "kind": kind, "mb": mb, "chunk": 0, "start": start,
+                                       "end": end, "stream": stream})
+
+    def _comm_recorder(self, mb: int):
+        return lambda kind, start, end: self._event("all-to-all", kind, start, end, mb)
 
     def _record_loss(self, out: LossOutput) -> None:
         st = self._stats

@@ -13,6 +13,7 @@ interleaving, they are an ordinary forward and backward (and give the same numbe
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Generator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -52,8 +53,16 @@ class SegmentedPass:
         return tuple(result)
 
 
+Recorder = Callable[[str, float, float], None]  # (name, start, end): an all-to-all's time in flight
+
+
+def _no_record(name: str, start: float, end: float) -> None:
+    pass
+
+
 def forward_steps(stage: PipelineStage, inputs: torch.Tensor, labels: torch.Tensor | None, mtp_weight: float,
-                  autocast: Callable[[], contextlib.AbstractContextManager]) -> Generator[None, None, SegmentedPass]:
+                  autocast: Callable[[], contextlib.AbstractContextManager],
+                  record: Recorder = _no_record) -> Generator[None, None, SegmentedPass]:
     """Run the stage; yields while a dispatch or combine all-to-all is in flight. Returns the pass, whose
     ``output`` is the hidden state leaf (sent on) or the LossOutput on the last stage."""
     model, spec, rec = stage.model, stage.spec, SegmentedPass()
@@ -72,9 +81,11 @@ def forward_steps(stage: PipelineStage, inputs: torch.Tensor, labels: torch.Tens
         h1, flat, weights, scores = rec.cut(h1, flat, weights, scores)
         d = moe.dispatcher
         if hasattr(d, "dispatch_start"):
+            start = time.perf_counter()
             handle = d.dispatch_start(flat, indices, weights, moe.num_experts)
             yield
             rows, counts, state = handle.wait()
+            record("dispatch", start, time.perf_counter())
         else:
             rows, counts, state = d.dispatch(flat, indices, weights, moe.num_experts)
         if hasattr(state, "recv_weights"):  # gate values that travelled with the tokens
@@ -85,9 +96,11 @@ def forward_steps(stage: PipelineStage, inputs: torch.Tensor, labels: torch.Tens
             y = moe.experts(rows, counts)
         (y,) = rec.cut(y)
         if hasattr(d, "combine_start"):
+            start = time.perf_counter()
             handle = d.combine_start(y, state)
             yield
             routed_out = handle.wait()
+            record("combine", start, time.perf_counter())
         else:
             routed_out = d.combine(y, state)
         (routed_out,) = rec.cut(routed_out, comm=True)
@@ -102,7 +115,7 @@ def forward_steps(stage: PipelineStage, inputs: torch.Tensor, labels: torch.Tens
 
 
 def backward_steps(rec: SegmentedPass, output_grad: torch.Tensor | None, loss_scale: float, defer_w: bool,
-                   comm_executor: Executor | None = None) -> Generator[None, None, None]:
+                   comm_executor: Executor | None = None, record: Recorder = _no_record) -> Generator[None, None, None]:
     """Backward through the recorded segments, last first. With ``comm_executor`` a communication
     segment's backward runs there and the generator yields until it is done, so the caller can compute
     meanwhile. Deferred weight grads (``defer_w``) are queued in the WeightGradStore as one group."""
@@ -121,15 +134,21 @@ def backward_steps(rec: SegmentedPass, output_grad: torch.Tensor | None, loss_sc
         outputs, grads = zip(*pairs)
         grads = [g for g in grads] if any(g is not None for g in grads) else None
         if seg.comm and comm_executor is not None:
-            future = comm_executor.submit(torch.autograd.backward, outputs, grads)
+            start = time.perf_counter()
+            future = comm_executor.submit(_timed_backward, outputs, grads)
             yield
-            future.result()
+            record("a2a-backward", start, future.result())
         else:
             with WeightGradStore.deferring(defer_w):
                 torch.autograd.backward(outputs, grads)
         seg.outputs = seg.leaves = []  # free the activations as soon as their gradients are through
     if defer_w:
         WeightGradStore.end_group()
+
+
+def _timed_backward(outputs, grads) -> float:
+    torch.autograd.backward(outputs, grads)
+    return time.perf_counter()
 
 
 def drain(gen: Generator):
