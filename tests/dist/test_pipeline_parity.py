@@ -16,6 +16,7 @@ LAYOUTS = {
     "dualpipe-pp2": (2, ["--pp", "2", "--schedule", "dualpipe"]),
     "dualpipe-pp4": (4, ["--pp", "4", "--schedule", "dualpipe", "--layers", "4"]),
     "dualpipev-pp2": (2, ["--pp", "2", "--schedule", "dualpipev"]),
+    "dualpipev-pp4": (4, ["--pp", "4", "--schedule", "dualpipev", "--layers", "8"]),
     "ep2": (2, ["--ep", "2", "--mbs", "2"]),
     "ep4": (4, ["--ep", "4"]),
     "dp2-no-ep": (2, ["--mbs", "2"]),

@@ -1,0 +1,44 @@
+"""moelib.parallel.init under each launcher: mpirun, torchrun, and a plain single process."""
+
+import json
+import re
+import socket
+import sys
+
+import pytest
+from _mpi import REPO, WORKERS, run, run_mpi, worker_env
+
+
+def rows(out: str) -> list[dict]:
+    # torchrun may glue its ranks' lines together; each record is one flat JSON object.
+    return sorted((json.loads(m) for m in re.findall(r"\{[^{}]*\}", out)), key=lambda r: r["rank"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.dist
+def test_mpirun():
+    rc, out, err = run_mpi(3, "launch_info.py", timeout=120)
+    assert rc == 0, err
+    assert [(r["launcher"], r["rank"], r["world"], r["local"]) for r in rows(out)] == [("mpi", i, 3, i) for i in range(3)]
+    assert all(r["rank_sum"] == 3.0 for r in rows(out))
+
+
+@pytest.mark.dist
+def test_torchrun_variables_are_honoured():
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           str(WORKERS / "launch_info.py")]
+    rc, out, err = run(cmd, 120, worker_env())
+    assert rc == 0, err[-2000:]
+    assert [(r["launcher"], r["rank"], r["world"]) for r in rows(out)] == [("torchrun", 0, 2), ("torchrun", 1, 2)]
+
+
+def test_single_process():
+    rc, out, err = run([sys.executable, str(WORKERS / "launch_info.py")], 60, worker_env())
+    assert rc == 0, err
+    assert rows(out) == [{"launcher": "single", "rank": 0, "world": 1, "local": 0, "rank_sum": 0.0}]
+    assert REPO.exists()
