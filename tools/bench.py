@@ -3,7 +3,8 @@
     python tools/bench.py train-step --vs-hf --preset small --dtype fp32
 
 Subcommands live in tools/benchmarks/<name>.py (``-`` in the command is ``_`` in the file), each with
-``add_args(parser)``, ``run(args) -> dict`` and a one-line module docstring used as its help.
+``add_args(parser)``, ``run(args) -> dict``, a one-line module docstring used as its help, and optionally
+``variant(args) -> str`` naming the result file's variant (e.g. the dtype).
 Performance is always reported next to a peer measured in the same run, as a ratio.
 """
 
@@ -53,7 +54,9 @@ def main(argv=None) -> int:
     result = modules[args.command].run(args)
     record = {"command": "python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(), **result}
-    out = args.out or RESULTS / f"{args.command}-{datetime.date.today().isoformat()}.json"
+    variant = getattr(modules[args.command], "variant", lambda a: "")(args)
+    stem = "-".join(p for p in (args.command, variant, datetime.date.today().isoformat()) if p)
+    out = args.out or RESULTS / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"results: {out}")

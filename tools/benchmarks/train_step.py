@@ -35,6 +35,10 @@ def add_args(p) -> None:
     p.add_argument("--vs-hf", action="store_true", help="also time transformers' DeepseekV3ForCausalLM")
 
 
+def variant(args) -> str:
+    return f"{args.preset}-{args.dtype}"
+
+
 def model_flops_per_token(cfg: ModelConfig, seq: int) -> float:
     """Main model only (the step runs no MTP): 6 x activated matmul parameters, embedding excluded, plus
     the attention scores and values (causal, so half of them)."""
