@@ -9,6 +9,7 @@ non-zero).
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
@@ -130,6 +131,8 @@ def init(backend: str | None = None, timeout_s: float = 600.0) -> DistEnv:
         except Exception as e:  # rendezvous failures come in many types
             raise LaunchError(f"rank {rank}: could not join the {size}-process group at {init_method} ({e})") from None
     _ENV = DistEnv(rank, size, local_rank, device, launcher)
+    # Tear the group down before the interpreter does: its communication threads must not outlive it.
+    atexit.register(shutdown)
     return _ENV
 
 

@@ -1,7 +1,7 @@
 """The process mesh, gradient sync, ZeRO-1 and router-bias sync, under mpirun on CPU (gloo).
 
 The layout rules and auto_layout are checked in-process; everything else starts mpirun with the workers
-in tests/dist/workers/ and asserts on the RESULT lines they print, so a failure shows the numbers.
+in tests/distributed/workers/ and asserts on the RESULT lines they print, so a failure shows the numbers.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_group_ranks_partition_the_world():
         for pp in (p for p in range(1, world + 1) if world % p == 0):
             for ep in (e for e in range(1, world // pp + 1) if (world // pp) % e == 0):
                 groups = group_ranks(world, pp, ep)
-                sizes = {"pp": pp, "dp": world // pp, "ep": ep, "edp": world // pp // ep}
+                sizes = {"pp": pp, "dp": world // pp, "ep": ep, "edp": world // pp // ep, "ep_grad": ep}
                 for kind, members in groups.items():
                     assert sorted(r for g in members for r in g) == list(range(world)), (kind, world, pp, ep)
                     assert all(len(g) == sizes[kind] for g in members)

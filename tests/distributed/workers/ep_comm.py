@@ -1,7 +1,7 @@
 """mpirun worker: FP8 dispatch (bytes on the wire, accuracy) and the asynchronous dispatch / combine.
 
 Each rank routes its own tokens through the sharded experts of one tiny MoE layer with several
-dispatchers and prints one ``EPRESULT {json}`` line; tests/dist/test_expert_parallel.py asserts on it.
+dispatchers and prints one ``EPRESULT {json}`` line; tests/distributed/test_expert_parallel.py asserts on it.
 """
 
 from __future__ import annotations

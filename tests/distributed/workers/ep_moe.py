@@ -2,7 +2,7 @@
 
 Every rank builds the same tiny model from one seed, keeps the full model as the reference and shards a
 copy; each rank feeds its own tokens while the reference sees every rank's tokens. Each rank prints one
-``EPRESULT {json}`` line of relative errors and counts per scenario; tests/dist/test_expert_parallel.py
+``EPRESULT {json}`` line of relative errors and counts per scenario; tests/distributed/test_expert_parallel.py
 asserts on them (so a failure shows the numbers).
 """
 

@@ -1,4 +1,4 @@
-"""Distributed tests start mpirun; the helpers live in tests/dist/_mpi.py (importable as ``_mpi``)."""
+"""Distributed tests start mpirun; the helpers live in tests/distributed/_mpi.py (importable as ``_mpi``)."""
 
 import sys
 from pathlib import Path

@@ -24,7 +24,8 @@ def free_port() -> int:
 def test_mpirun():
     rc, out, err = run_mpi(3, "launch_info.py", timeout=120)
     assert rc == 0, err
-    assert [(r["launcher"], r["rank"], r["world"], r["local"]) for r in rows(out)] == [("mpi", i, 3, i) for i in range(3)]
+    got = [(r["launcher"], r["rank"], r["world"], r["local"]) for r in rows(out)]
+    assert got == [("mpi", i, 3, i) for i in range(3)]
     assert all(r["rank_sum"] == 3.0 for r in rows(out))
 
 

@@ -1,6 +1,6 @@
 """Start mpirun jobs (or plain worker processes) from tests, with a hard timeout.
 
-The worker scripts live in tests/dist/workers/. Each run gets OMP_NUM_THREADS=1 (several ranks share two
+The worker scripts live in tests/distributed/workers/. Each run gets OMP_NUM_THREADS=1 (several ranks share two
 cores) and its own process group, so a timeout kills mpirun and every rank: a broken test fails, it never
 hangs the suite.
 """
@@ -57,7 +57,7 @@ def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> tu
 
 def run_mpi(n: int, script: str, *args: str, timeout: float = 120.0,
             env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """``mpirun -n N python tests/dist/workers/<script> args`` -> (returncode, stdout, stderr)."""
+    """``mpirun -n N python tests/distributed/workers/<script> args`` -> (returncode, stdout, stderr)."""
     mpirun = require_mpirun()
     cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", str(n),
            sys.executable, str(WORKERS / script), *args]
