@@ -51,3 +51,17 @@ def test_sixteen_ranks_dualpipe_ep_dp(mpirun):
     assert rc == 0, err[-3000:]
     rows = results(out)
     assert len(rows) == 16 and all(r["loss_rel_err"] <= 1e-5 and r["param_rel_err"] <= 1e-5 for r in rows)
+
+
+@pytest.mark.dist
+def test_schedules_agree_with_each_other(mpirun):
+    """1F1B, DualPipe and DualPipeV on the same model, data and micro-batches give the same losses."""
+    losses = {}
+    for schedule in ("1f1b", "dualpipe", "dualpipev"):
+        rc, out, err = mpirun(2, "pipeline_parity.py", "--pp", "2", "--schedule", schedule, "--microbatches", "4",
+                              timeout=240)
+        assert rc == 0, err[-3000:]
+        losses[schedule] = results(out)[0]["losses"]
+    base = losses["1f1b"]
+    for schedule, values in losses.items():
+        assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(values, base, strict=True)), (schedule, values, base)
