@@ -23,7 +23,7 @@ from moelib import ModelConfig, MoelibError, TrainConfig  # noqa: E402
 from moelib.config import PIPELINE_SCHEDULES, PRECISION_BACKENDS, PRESETS, ParallelConfig  # noqa: E402
 from moelib.parallel import launch  # noqa: E402
 from moelib.parallel.mesh import auto_layout  # noqa: E402
-from moelib.train.checkpoint import save_checkpoint  # noqa: E402
+from moelib.train.checkpoint import CheckpointReader, prune_checkpoints, save_checkpoint  # noqa: E402
 from moelib.train.data import BatchLoader, PackedDataset, default_corpus  # noqa: E402
 from moelib.train.tokenizer import Tokenizer  # noqa: E402
 
@@ -47,7 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-microbatches", type=int, default=None)
     p.add_argument("--data-path", help="prefix of a Megatron indexed dataset (.bin/.idx); default: the embedded corpus")
     p.add_argument("--tokenizer", help="tokenizer.json of --data-path (for its vocabulary size and EOD id)")
-    p.add_argument("--save", default="checkpoints/v3_pretrain", help="directory for the final checkpoint")
+    p.add_argument("--save", default="checkpoints/v3_pretrain", help="directory for checkpoints")
+    p.add_argument("--save-interval", type=int, default=0, help="also save every N steps (0: only at the end)")
+    p.add_argument("--keep-last", type=int, default=3, help="keep this many newest checkpoints")
+    p.add_argument("--load", help="resume from this checkpoint (a step directory or a --save directory)")
     p.add_argument("--log-interval", type=int, default=25)
     p.add_argument("--log-json", help="rank 0 appends one JSON line per logged step to this file")
     return p.parse_args(argv)
@@ -100,6 +103,21 @@ def main(argv=None) -> int:
         raise MoelibError(f"--global-batch-size {global_batch} must equal micro-batch size x micro-batches x "
                           f"data-parallel size = {train_cfg.micro_batch_size} x {par.microbatches} x {mesh.dp}")
     loader = BatchLoader(dataset, global_batch, seed=train_cfg.seed, dp_rank=mesh.dp_rank, dp_size=mesh.dp)
+    if args.load:
+        reader = CheckpointReader(args.load)
+        if ModelConfig.from_dict(reader.manifest["model"]) != model_cfg:
+            raise MoelibError(f"{reader.path}: the checkpoint's model config differs from --config {args.config}")
+        trainer.load_checkpoint(reader)
+        loader.load_state_dict(reader.manifest["data"])
+        say(f"resumed from {reader.path} at step {trainer.step} ({reader.manifest['train']['layout']})")
+
+    def save() -> Path:
+        tensors, meta = trainer.checkpoint_state()
+        path = save_checkpoint(args.save, tensors, model_cfg, trainer.step,
+                               extra={"train": meta, "data": loader.state_dict()})
+        if env.is_main:
+            prune_checkpoints(args.save, args.keep_last)
+        return path
     counts = model_cfg.param_counts()
     say(f"model {args.config}: {counts['total'] / 1e6:.1f}M parameters ({counts['activated'] / 1e6:.1f}M activated, "
         f"MTP {counts['mtp'] / 1e6:.1f}M); {env.world_size} rank(s): {mesh.describe()}; precision {args.precision}; "
@@ -111,7 +129,7 @@ def main(argv=None) -> int:
 
         progress = tqdm(total=train_cfg.train_iters, unit="step", dynamic_ncols=True)
     start, first, recent = time.perf_counter(), None, []
-    for _ in range(train_cfg.train_iters):
+    while trainer.step < train_cfg.train_iters:
         tokens, labels = loader.next_batch()
         r = trainer.train_step(tokens, labels)
         first = r.lm_loss if first is None else first
@@ -129,12 +147,14 @@ def main(argv=None) -> int:
             if log_file:
                 log_file.write(json.dumps({k: v for k, v in vars(r).items() if k != "events"}) + "\n")
                 log_file.flush()
+        if args.save_interval and r.step % args.save_interval == 0 and r.step < train_cfg.train_iters:
+            save()
     if progress is not None:
         progress.close()
-    path = save_checkpoint(args.save, trainer.state_dict(), model_cfg, trainer.step,
-                           extra={"layout": mesh.describe(), "data": loader.state_dict()})
-    say(f"done: {trainer.step} steps in {time.perf_counter() - start:.0f}s, loss {first:.3f} -> "
-        f"{sum(recent) / len(recent):.3f} (mean of the last {len(recent)} steps)")
+    path = save()
+    if recent:
+        say(f"done: step {trainer.step}, {time.perf_counter() - start:.0f}s, loss {first:.3f} -> "
+            f"{sum(recent) / len(recent):.3f} (mean of the last {len(recent)} steps)")
     say(f"checkpoint: {path}")
     return 0
 

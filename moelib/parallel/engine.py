@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from moelib.config import ModelConfig, ParallelConfig, TrainConfig
+from moelib.errors import CheckpointError
 from moelib.model.router import max_violation
 from moelib.parallel.expert_parallel import shard_experts
 from moelib.parallel.grad_sync import GradSync
@@ -119,3 +120,46 @@ class ParallelTrainer:
         for model in self.models.values():
             out.update(model.state_dict())
         return out
+
+    # -- checkpoints: everything a resume needs, layout-free (keyed by global names) ----------------------
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON-able metadata) for save_checkpoint. Collective. Optimizer moments are stored per
+        model tensor name (``optimizer.exp_avg.<name>``), so a checkpoint loads under another layout."""
+        tensors = self.state_dict()
+        opt = self.optimizer.state_dict()
+        for name, moments in opt["state"].items():
+            for kind, t in moments.items():
+                tensors[f"optimizer.{kind}.{name}"] = t
+        tensors[f"rng.torch.rank{self.env.rank}"] = torch.random.get_rng_state()
+        meta = {"step": self.step, "optimizer": {"step": opt["step"], "param_groups": opt["param_groups"]},
+                "layout": self.mesh.describe()}
+        return tensors, meta
+
+    def load_checkpoint(self, reader) -> None:
+        """Restore model, router biases, optimizer and step from a CheckpointReader (any layout)."""
+        with torch.no_grad():
+            for model in self.models.values():
+                own = model.state_dict()
+                missing = [k for k in own if k not in reader.weight_map]
+                if missing:
+                    raise CheckpointError(f"{reader.path}: tensor {missing[0]} of this model is missing")
+                model.load_state_dict({k: reader.get(k) for k in own})
+        meta = reader.manifest["train"]
+        names = self.optimizer_names()
+        state = {name: {kind: reader.get(f"optimizer.{kind}.{name}") for kind in ("exp_avg", "exp_avg_sq")}
+                 for name in names}
+        self.optimizer.load_state_dict({**meta["optimizer"], "state": state})
+        rng = f"rng.torch.rank{self.env.rank}"
+        if rng in reader.weight_map:  # the same rank count: continue its random stream too
+            torch.random.set_rng_state(reader.get(rng))
+        self.step = int(meta["step"])
+
+    def optimizer_names(self) -> list[str]:
+        """The model tensor names whose optimizer moments this rank's ZeRO shards cover."""
+        names = []
+        for model in self.models.values():
+            for key in model.state_dict():
+                if not key.endswith("e_score_correction_bias"):
+                    names.append(key)
+        return sorted(set(names))

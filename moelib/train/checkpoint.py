@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from moelib.config import ModelConfig
 from moelib.errors import CheckpointError
@@ -91,22 +91,47 @@ def resolve(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"{path}: neither a checkpoint directory (no {MANIFEST}) nor a root with a 'latest' file")
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(manifest, state dict) of a checkpoint directory or root."""
-    ckpt = resolve(path)
-    try:
-        manifest = json.loads((ckpt / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{ckpt / MANIFEST}: unreadable manifest ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{ckpt / MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(manifest.get("weight_map", {}).values())):
+class CheckpointReader:
+    """Reads tensors of a checkpoint by name, one at a time (each rank takes only what it holds)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = resolve(path)
         try:
-            state.update(load_file(str(ckpt / shard)))
+            self.manifest = json.loads((self.path / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{self.path / MANIFEST}: unreadable manifest ({e})") from None
+        if self.manifest.get("format") != FORMAT:
+            raise CheckpointError(f"{self.path / MANIFEST}: format {self.manifest.get('format')!r}, "
+                                  f"expected {FORMAT!r}")
+        self.weight_map: dict[str, str] = self.manifest.get("weight_map", {})
+        self._open: dict[str, Any] = {}
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.path}: tensor {name} is not in the checkpoint")
+        shard = self.weight_map[name]
+        try:
+            if shard not in self._open:
+                self._open[shard] = safe_open(str(self.path / shard), framework="pt")
+            return self._open[shard].get_tensor(name)
         except (OSError, SafetensorError) as e:
-            raise CheckpointError(f"{ckpt / shard}: unreadable or truncated weights ({e})") from None
-    missing = [n for n in manifest.get("weight_map", {}) if n not in state]
-    if missing:
-        raise CheckpointError(f"{ckpt}: tensor {missing[0]} is listed in the manifest but in no shard")
-    return manifest, state
+            raise CheckpointError(f"{self.path / shard}: unreadable or truncated shard ({e})") from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(manifest, the whole state dict) of a checkpoint directory or root."""
+    reader = CheckpointReader(path)
+    return reader.manifest, {name: reader.get(name) for name in reader.keys()}
+
+
+def prune_checkpoints(root: str | os.PathLike, keep: int) -> None:
+    """Delete all but the ``keep`` newest step directories (never the one ``latest`` names)."""
+    root = Path(root)
+    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    steps = sorted(p for p in root.glob("iter_*") if p.is_dir() and (p / MANIFEST).is_file())
+    for old in steps[:-keep] if keep > 0 else []:
+        if old.name != latest:
+            shutil.rmtree(old, ignore_errors=True)

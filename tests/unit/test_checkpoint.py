@@ -64,3 +64,17 @@ def test_bad_checkpoints_name_the_file(tmp_path, model):
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="format"):
         ckpt.load_checkpoint(path)
+
+
+def test_keep_last_k_and_lazy_reader(tmp_path, model):
+    cfg, m = model
+    for step in (1, 2, 3, 4):
+        ckpt.save_checkpoint(tmp_path, m.state_dict(), cfg, step)
+        ckpt.prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000003", "iter_0000004"]
+    reader = ckpt.CheckpointReader(tmp_path)
+    assert reader.path.name == "iter_0000004" and set(reader.keys()) == set(m.state_dict())
+    name = "layers.1.mlp.experts.3.down_proj.weight"
+    assert torch.equal(reader.get(name), m.state_dict()[name])
+    with pytest.raises(CheckpointError, match="not in the checkpoint"):
+        reader.get("no.such.tensor")
