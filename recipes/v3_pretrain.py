@@ -19,54 +19,64 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moelib import ModelConfig, MoelibError, TrainConfig  # noqa: E402
-from moelib.config import PIPELINE_SCHEDULES, PRECISION_BACKENDS, PRESETS, ParallelConfig  # noqa: E402
+from moelib import ModelConfig, MoelibError  # noqa: E402
+from moelib.config import PIPELINE_SCHEDULES, PRECISION_BACKENDS, PRESETS, RecipeConfig  # noqa: E402
 from moelib.parallel import launch  # noqa: E402
 from moelib.parallel.mesh import auto_layout  # noqa: E402
 from moelib.train.checkpoint import CheckpointReader, prune_checkpoints, save_checkpoint  # noqa: E402
 from moelib.train.data import BatchLoader, PackedDataset, default_corpus  # noqa: E402
 from moelib.train.tokenizer import Tokenizer  # noqa: E402
 
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="tiny", help=f"model preset: {', '.join(PRESETS)}")
-    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--config", default="tiny",
+                   help=f"a YAML file, or the name of one in recipes/configs ({', '.join(PRESETS)})")
+    # Flags left unset keep the YAML's value.
+    p.add_argument("--micro-batch-size", type=int)
     p.add_argument("--global-batch-size", type=int, default=None,
                    help="default: micro-batch size x micro-batches x data-parallel size")
-    p.add_argument("--seq-length", type=int, default=128)
-    p.add_argument("--train-iters", type=int, default=300)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--min-lr", type=float, default=3e-4)
-    p.add_argument("--lr-warmup-iters", type=int, default=30)
-    p.add_argument("--precision", default="bf16", choices=PRECISION_BACKENDS)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=None)
-    p.add_argument("--expert-model-parallel-size", type=int, default=None)
-    p.add_argument("--pipeline-schedule", choices=PIPELINE_SCHEDULES, default=None)
-    p.add_argument("--num-microbatches", type=int, default=None)
+    p.add_argument("--seq-length", type=int)
+    p.add_argument("--train-iters", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--min-lr", type=float)
+    p.add_argument("--lr-warmup-iters", type=int)
+    p.add_argument("--precision", choices=PRECISION_BACKENDS)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--pipeline-model-parallel-size", type=int)
+    p.add_argument("--expert-model-parallel-size", type=int)
+    p.add_argument("--pipeline-schedule", choices=PIPELINE_SCHEDULES)
+    p.add_argument("--num-microbatches", type=int)
     p.add_argument("--data-path", help="prefix of a Megatron indexed dataset (.bin/.idx); default: the embedded corpus")
     p.add_argument("--tokenizer", help="tokenizer.json of --data-path (for its vocabulary size and EOD id)")
     p.add_argument("--save", default="checkpoints/v3_pretrain", help="directory for checkpoints")
     p.add_argument("--save-interval", type=int, default=0, help="also save every N steps (0: only at the end)")
     p.add_argument("--keep-last", type=int, default=3, help="keep this many newest checkpoints")
     p.add_argument("--load", help="resume from this checkpoint (a step directory or a --save directory)")
-    p.add_argument("--log-interval", type=int, default=25)
+    p.add_argument("--log-interval", type=int)
     p.add_argument("--log-json", help="rank 0 appends one JSON line per logged step to this file")
     return p.parse_args(argv)
 
 
-def layout(args, world: int, model_cfg: ModelConfig) -> ParallelConfig:
-    flags = (args.pipeline_model_parallel_size, args.expert_model_parallel_size, args.pipeline_schedule,
-             args.num_microbatches)
-    if all(f is None for f in flags):
-        return auto_layout(world, model_cfg)
-    pp = args.pipeline_model_parallel_size or 1
-    schedule = args.pipeline_schedule or ("dualpipe" if pp > 1 and pp % 2 == 0 else "1f1b")
-    par = ParallelConfig(pipeline_model_parallel_size=pp, expert_model_parallel_size=args.expert_model_parallel_size
-                         or 1, pipeline_schedule=schedule, num_microbatches=args.num_microbatches)
-    par.validate(world, model_cfg)
-    return par
+def load_config(args) -> RecipeConfig:
+    path = Path(args.config) if args.config.endswith((".yaml", ".yml")) else CONFIGS / f"{args.config}.yaml"
+    if not path.is_file():
+        raise MoelibError(f"--config {args.config}: no such YAML file ({path}); known: "
+                          f"{', '.join(p.stem for p in sorted(CONFIGS.glob('*.yaml')))}")
+    train = {"micro_batch_size": args.micro_batch_size, "seq_length": args.seq_length,
+             "train_iters": args.train_iters, "lr": args.lr, "min_lr": args.min_lr,
+             "lr_warmup_iters": args.lr_warmup_iters, "seed": args.seed, "log_interval": args.log_interval,
+             "precision": {"backend": args.precision} if args.precision else None}
+    parallel = {"pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+                "expert_model_parallel_size": args.expert_model_parallel_size,
+                "pipeline_schedule": args.pipeline_schedule, "num_microbatches": args.num_microbatches}
+    if parallel["pipeline_model_parallel_size"] and not parallel["pipeline_schedule"]:
+        pp = parallel["pipeline_model_parallel_size"]
+        parallel["pipeline_schedule"] = "dualpipe" if pp > 1 and pp % 2 == 0 else "1f1b"
+    return RecipeConfig.from_yaml(path, {"train": train, "parallel": parallel,
+                                         "data": {"data_path": args.data_path, "tokenizer": args.tokenizer}})
 
 
 def main(argv=None) -> int:
@@ -77,14 +87,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     env = launch.init()
     say = launch.rank_zero_print
-    model_cfg = ModelConfig.from_preset(args.config)
-    par = layout(args, env.world_size, model_cfg)
-    train_cfg = TrainConfig(micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
-                            train_iters=args.train_iters, lr=args.lr, min_lr=args.min_lr,
-                            lr_warmup_iters=args.lr_warmup_iters, seed=args.seed, log_interval=args.log_interval,
-                            precision={"backend": args.precision})
-    if args.data_path:
-        data_prefix, tokenizer_path = args.data_path, args.tokenizer
+    run = load_config(args)
+    model_cfg, train_cfg, data_cfg = run.model, run.train, run.data
+    par = run.parallel or auto_layout(env.world_size, model_cfg)
+    par.validate(env.world_size, model_cfg)
+    if data_cfg.data_path:
+        data_prefix, tokenizer_path = data_cfg.data_path, data_cfg.tokenizer
     else:
         say(f"default corpus: standard-library sources, BPE vocabulary {model_cfg.vocab_size} (cached)")
         data_prefix, tokenizer_path = default_corpus(model_cfg.vocab_size)
@@ -120,7 +128,8 @@ def main(argv=None) -> int:
         return path
     counts = model_cfg.param_counts()
     say(f"model {args.config}: {counts['total'] / 1e6:.1f}M parameters ({counts['activated'] / 1e6:.1f}M activated, "
-        f"MTP {counts['mtp'] / 1e6:.1f}M); {env.world_size} rank(s): {mesh.describe()}; precision {args.precision}; "
+        f"MTP {counts['mtp'] / 1e6:.1f}M); {env.world_size} rank(s): {mesh.describe()}; "
+        f"precision {train_cfg.precision.backend}; "
         f"global batch {global_batch} x {train_cfg.seq_length} tokens; {dataset.num_tokens:,} tokens of data")
     log_file = open(args.log_json, "a") if args.log_json and env.is_main else None
     progress = None

@@ -26,8 +26,13 @@ def test_four_ranks_train_and_checkpoint(tmp_path):
     assert out.count("checkpoint:") == 1 and "PP 2 x DP 2 (EP 2 x EDP 1), dualpipe" in out
     manifest, state = load_checkpoint(tmp_path)
     full = build_model(ModelConfig.from_preset("tiny"), "fp32", device="meta").state_dict()
-    assert manifest["step"] == 2 and set(state) == set(full)
+    model_keys = {k for k in state if not k.startswith(("optimizer.", "rng."))}
+    assert manifest["step"] == 2 and model_keys == set(full)
     assert all(state[k].shape == full[k].shape for k in full)
+    # AdamW moments of every parameter (not of the router-bias buffers), each written once.
+    params = {k for k in full if not k.endswith("e_score_correction_bias")}
+    assert {k.removeprefix("optimizer.exp_avg.") for k in state if k.startswith("optimizer.exp_avg.")} == params
+    assert {k for k in state if k.startswith("rng.")} == {f"rng.torch.rank{r}" for r in range(4)}
 
 
 @pytest.mark.dist

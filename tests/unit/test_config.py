@@ -81,3 +81,31 @@ def test_train_and_precision_validation():
     with pytest.raises(ConfigError, match=r"TrainConfig\.micro_batch_size"):
         TrainConfig.from_dict({"micro_batch_size": 0})
     assert TrainConfig.from_dict({"precision": {"backend": "fp32"}}).precision.backend == "fp32"
+
+
+def test_recipe_yaml_configs(tmp_path):
+    from pathlib import Path
+
+    from moelib.config import RecipeConfig
+
+    configs = Path(__file__).resolve().parents[2] / "recipes" / "configs"
+    for name in ("tiny", "small", "v2-lite-16b", "v3-671b"):
+        run = RecipeConfig.from_yaml(configs / f"{name}.yaml")
+        assert run.model == ModelConfig.from_preset(name)
+    v3 = RecipeConfig.from_yaml(configs / "v3-671b.yaml")
+    assert (v3.parallel.pp, v3.parallel.ep, v3.parallel.pipeline_schedule) == (16, 64, "dualpipe")
+    tiny = RecipeConfig.from_yaml(configs / "tiny.yaml", {"train": {"lr": 1e-3, "seed": None},
+                                                        "parallel": {"expert_model_parallel_size": 2}})
+    assert tiny.train.lr == 1e-3 and tiny.train.seed == 1234 and tiny.parallel.ep == 2
+
+    bad = tmp_path / "bad.yaml"
+    for text, message in [("optimizer: {}\n", "unknown section 'optimizer'"),
+                          ("train: {learning_rate: 1}\n", r"TrainConfig\.learning_rate: unknown field"),
+                          ("model: {preset: tiny, n_group: 3}\n", r"ModelConfig\.n_group"),
+                          ("model: [1, 2\n", "not valid YAML"),
+                          ("- 1\n", "expected a mapping")]:
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            RecipeConfig.from_yaml(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        RecipeConfig.from_yaml(tmp_path / "missing.yaml")
