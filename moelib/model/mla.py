@@ -13,11 +13,16 @@ from torch import nn
 
 from moelib.config import ModelConfig
 from moelib.model.norm import RMSNorm
+from moelib.model.recompute import checkpoint, keep_attention_core, should_recompute
 from moelib.model.rope import apply_rope, softmax_scale
 from moelib.precision.backends import Backend, Linear
 
 
 class MLA(nn.Module):
+    # Set by moelib.model.recompute.apply_recompute: keep the latents q_in / kv_in and the attention core's
+    # results; rerun the up-projections, their norms and RoPE in backward (V3).
+    recompute_up_proj = False
+
     def __init__(self, cfg: ModelConfig, backend: Backend):
         super().__init__()
         self.n_heads = cfg.num_attention_heads
@@ -37,16 +42,26 @@ class MLA(nn.Module):
         # V3 caches this projection's input with power-of-two scales under FP8; the backend decides.
         self.o_proj = Linear(self.n_heads * self.v_dim, h, backend, pow2_input=True)
 
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "q_proj"):
-            return self.q_proj(x)
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q = self.query(x).view(bsz, seqlen, self.n_heads, self.nope_dim + self.rope_dim)
-        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        q_in = self.q_proj(x) if hasattr(self, "q_proj") else self.q_a_proj(x)
+        kv_in = self.kv_a_proj_with_mqa(x)
+        if should_recompute(self.recompute_up_proj):
+            out = checkpoint(self.attend, q_in, kv_in, cos, sin, keep=keep_attention_core)
+        else:
+            out = self.attend(q_in, kv_in, cos, sin)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.v_dim))
+
+    def attend(self, q_in: torch.Tensor, kv_in: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """From the latents to the attention output [B, heads, T, v_head_dim]: up-projections, RoPE, core.
+
+        q_in: the q_a_proj output (the query itself without q_lora_rank); kv_in: [c_kv; k_pe].
+        """
+        bsz, seqlen, _ = q_in.shape
+        q = self.q_b_proj(self.q_a_layernorm(q_in)) if hasattr(self, "q_b_proj") else q_in
+        q_nope, q_pe = q.view(bsz, seqlen, self.n_heads, self.nope_dim + self.rope_dim).split(
+            [self.nope_dim, self.rope_dim], dim=-1)
+        c_kv, k_pe = kv_in.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(bsz, seqlen, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
@@ -54,5 +69,4 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
         k = torch.cat([k_nope, k_pe.to(k_nope.dtype)], dim=-1).transpose(1, 2)
         # Attention core: high precision in V3 (bf16 under autocast, never FP8).
-        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.v_dim))
+        return F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)

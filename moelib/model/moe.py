@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moelib.config import ModelConfig
 from moelib.model.mlp import MLP
+from moelib.model.recompute import SwiGLUCache, recomputing, swiglu
 from moelib.model.router import Router, sequence_balance_loss
 from moelib.precision.backends import Backend
 
@@ -24,6 +24,9 @@ _EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
 class GroupedExperts(nn.Module):
     """E SwiGLU experts. gate_up_proj [E, 2I, H] holds gate rows then up rows; down_proj [E, H, I]."""
+
+    # Set by moelib.model.recompute.apply_recompute: keep only SwiGLU's inputs, recompute its product.
+    recompute_swiglu: SwiGLUCache | None = None
 
     def __init__(self, num_experts: int, hidden: int, inter: int, backend: Backend, expert_offset: int = 0):
         super().__init__()
@@ -35,7 +38,7 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [S, H] sorted by expert, counts [E] rows per expert."""
         gate, up = self.backend.grouped_linear(x, self.gate_up_proj, counts, pow2_input=True).chunk(2, dim=-1)
-        return self.backend.grouped_linear(F.silu(gate) * up, self.down_proj, counts)
+        return self.backend.grouped_linear(swiglu(gate, up, self.recompute_swiglu), self.down_proj, counts)
 
     def expert_weights(self, e: int) -> dict[str, torch.Tensor]:
         return {"gate_proj": self.gate_up_proj[e, : self.inter], "up_proj": self.gate_up_proj[e, self.inter:],
@@ -161,6 +164,13 @@ class MoE(nn.Module):
         # Expert load of the current global batch, read and reset by the trainer.
         self.register_buffer("load_counts", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.last_aux_loss = torch.zeros(())
+        self._aux_sum, self._aux_n = None, 0  # for logging: mean over a step's micro-batches
+
+    def pop_aux_loss(self) -> float:
+        """Mean balance loss over the forwards since the last call (0 when there were none)."""
+        mean = float(self._aux_sum) / self._aux_n if self._aux_n else 0.0
+        self._aux_sum, self._aux_n = None, 0
+        return mean
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat, indices, weights, scores = self.route(x)
@@ -185,9 +195,14 @@ class MoE(nn.Module):
             out = out + self.shared_experts(flat)
         out = out.view(shape)
         if self.training:
-            self.load_counts += counts.detach().to(self.load_counts.dtype)
+            first_run = not recomputing()  # False when backward reruns the layer: count it once
+            if first_run:
+                self.load_counts += counts.detach().to(self.load_counts.dtype)
             if self.aux_loss_alpha > 0 and torch.is_grad_enabled():
                 aux = self.aux_loss_alpha * sequence_balance_loss(scores, indices, shape[0], self.top_k)
-                self.last_aux_loss = aux.detach()
+                if first_run:
+                    self.last_aux_loss = aux.detach()
+                    self._aux_n += 1
+                    self._aux_sum = aux.detach() if self._aux_sum is None else self._aux_sum + aux.detach()
                 out = AuxLossBackprop.apply(out, aux, self.aux_loss_scale)
         return out

@@ -19,6 +19,7 @@ from moelib.model.mla import MLA
 from moelib.model.mlp import MLP
 from moelib.model.moe import MoE
 from moelib.model.norm import RMSNorm
+from moelib.model.recompute import checkpoint, should_recompute
 from moelib.model.rope import rope_attention_factor, rope_cos_sin, rope_inv_freq
 from moelib.precision.backends import Backend, get_backend
 
@@ -26,6 +27,9 @@ IGNORE_INDEX = -100
 
 
 class DecoderLayer(nn.Module):
+    # Set by moelib.model.recompute.apply_recompute ("full"): keep only the input, rerun the layer in backward.
+    recompute_layer = False
+
     def __init__(self, cfg: ModelConfig, layer_id: int, backend: Backend):
         super().__init__()
         self.layer_id = layer_id
@@ -36,11 +40,15 @@ class DecoderLayer(nn.Module):
             cfg.hidden_size, cfg.intermediate_size, backend)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if should_recompute(self.recompute_layer):
+            return checkpoint(self.forward, x, cos, sin)
         x = self.attention(x, cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The first residual block (the pipeline's overlapped schedule runs the MoE half in pieces)."""
+        if should_recompute(self.recompute_layer):  # called on its own by that schedule
+            return checkpoint(self.attention, x, cos, sin)
         return x + self.self_attn(self.input_layernorm(x), cos, sin)
 
 

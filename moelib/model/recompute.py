@@ -1,0 +1,216 @@
+"""Activation recomputation: keep less for backward and recompute the rest in it (V3, REFERENCE §4–5).
+
+``apply_recompute(model, mode)`` sets it on a built model (a stage, an expert shard, the MTP modules too):
+
+    none       autograd keeps whatever it wants.
+    selective  DeepSeek-V3's choice, cheap to recompute and large to keep:
+               - every RMSNorm keeps only its input (not its fp32 intermediates and output);
+               - MLA keeps only its latents (the q_a_proj output, the kv_a_proj_with_mqa output) and the
+                 attention core's results; the up-projections q_b_proj / kv_b_proj, their norms, RoPE and
+                 the q/k/v that feed the attention core are recomputed in backward. The attention core
+                 itself is not: where SDPA runs a fused kernel its output and logsumexp are kept, on the
+                 math fallback (CPU, or q and v head dims that differ) its softmax probabilities;
+               - SwiGLU keeps gate and up (in FP8, 1×128 tiles, under an FP8 backend, as V3 does for the
+                 MoE) and recomputes silu(gate)·up.
+    full       every decoder layer keeps only its input and is rerun in backward. Where the pipeline's
+               overlapped schedule runs a MoE layer in pieces around its all-to-alls, the attention half
+               is recomputed whole and the rest as in selective.
+
+The model reads the setting through small hooks: a flag per module (RMSNorm.recompute,
+MLA.recompute_up_proj, MLP/GroupedExperts.recompute_swiglu, DecoderLayer.recompute_layer) checked in
+its forward, which then calls ``checkpoint`` or ``swiglu`` from here. Regions never nest: inside one,
+the hooks run the plain forward.
+
+Numerics do not change: a region's backward is the original graph (non-reentrant torch.utils.checkpoint)
+fed with bit-identical recomputed tensors, and the SwiGLU backward is autograd's own on the recomputed
+product. The one exception is deliberate and V3's: SwiGLU inputs cached in FP8 give gradients computed
+from the FP8-rounded gate and up (the forward is unchanged); ``fp8_swiglu_cache=False`` keeps them as
+they are.
+
+Side effects are not repeated when a region is recomputed: MoE.finish checks ``recomputing()`` before
+adding expert loads and the aux loss, and FP8 telemetry is not sampled (the backend's ``telemetry`` is
+wrapped once by apply_recompute). A recomputed MoE layer under expert parallelism reruns its
+dispatch and combine all-to-alls in backward (every rank recomputes the same layers in the same order).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint as _torch_checkpoint
+
+from moelib.errors import ConfigError
+from moelib.precision import fp8
+
+MODES = ("none", "selective", "full")
+
+
+class _State(threading.local):
+    depth = 0        # > 0 while a recompute region runs (its forward or its recomputation)
+    recomputing = 0  # > 0 while a region is rerun in backward
+
+
+_state = _State()
+
+
+def recomputing() -> bool:
+    """True while a region's forward is being rerun in backward: skip side effects (counters, stats)."""
+    return _state.recomputing > 0
+
+
+def should_recompute(flag: bool) -> bool:
+    """A module's hook: recompute when its flag is set, gradients are being recorded and no enclosing
+    region already recomputes it."""
+    return bool(flag) and torch.is_grad_enabled() and _state.depth == 0
+
+
+def checkpoint(fn: Callable, *args: torch.Tensor, keep: Callable | None = None):
+    """fn(*args), keeping only ``args`` (and what ``keep`` selects, see ``keep_attention_core``) for
+    backward, which reruns fn to get the rest (non-reentrant torch.utils.checkpoint)."""
+    calls = 0
+
+    def run(*a):
+        nonlocal calls
+        calls += 1
+        again = calls > 1
+        _state.depth += 1
+        _state.recomputing += again
+        try:
+            return fn(*a)
+        finally:
+            _state.depth -= 1
+            _state.recomputing -= again
+
+    extra = {} if keep is None else {"context_fn": keep}
+    return _torch_checkpoint(run, *args, use_reentrant=False, **extra)
+
+
+# ---- the attention core inside the MLA region ------------------------------------------------------------
+
+
+def _ops(*names: str) -> frozenset:
+    return frozenset(op for op in (getattr(torch.ops.aten, n, None) for n in names) if op is not None)
+
+
+# The fused SDPA kernels return what their backward needs besides q, k, v (output, logsumexp, RNG state);
+# the math fallback keeps its softmax probabilities. Keeping these means the attention core is not rerun.
+_ATTENTION_CORE = _ops("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                       "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                       "_scaled_dot_product_fused_attention_overrideable", "_safe_softmax", "_softmax")
+
+
+def _attention_core_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op.overloadpacket in _ATTENTION_CORE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+keep_attention_core = functools.partial(create_selective_checkpoint_contexts, _attention_core_policy)
+keep_attention_core.__doc__ = "``checkpoint(keep=...)``: keep the attention core's results, recompute the rest."
+
+
+# ---- SwiGLU -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SwiGLUCache:
+    """How a recomputed SwiGLU keeps gate and up: as they are, or (``quantize`` set: an FP8 backend's
+    kernels' quantize) in E4M3 with 1×128 tiles."""
+
+    quantize: Callable | None = None
+    pow2_scale: bool = False
+
+
+class _RecomputedSwiGLU(torch.autograd.Function):
+    """silu(gate) * up keeping only gate and up; backward recomputes the product and runs autograd on it."""
+
+    @staticmethod
+    def forward(ctx, gate, up, cache: SwiGLUCache):
+        out = F.silu(gate) * up
+        ctx.fp8 = cache.quantize is not None and gate.numel() > 0
+        if ctx.fp8:
+            ctx.meta = [(t.shape, t.dtype) for t in (gate, up)]
+            saved = []
+            for t, name in ((gate, "SwiGLU gate"), (up, "SwiGLU up")):
+                saved += cache.quantize(t.reshape(-1, t.shape[-1]), (1, fp8.TILE), pow2_scale=cache.pow2_scale,
+                                        name=name)
+            ctx.save_for_backward(*saved)
+        else:
+            ctx.save_for_backward(gate, up)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        if ctx.fp8:
+            gate, up = (fp8.dequantize(data, scale, (1, fp8.TILE), dtype).view(shape)
+                        for data, scale, (shape, dtype) in zip(saved[0::2], saved[1::2], ctx.meta))
+        else:
+            gate, up = saved
+        with torch.enable_grad():
+            gate, up = gate.detach().requires_grad_(), up.detach().requires_grad_()
+            out = F.silu(gate) * up
+        grad_gate, grad_up = torch.autograd.grad(out, (gate, up), grad)
+        return grad_gate, grad_up, None
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, cache: SwiGLUCache | None = None) -> torch.Tensor:
+    """silu(gate) * up; with ``cache`` (set by apply_recompute) only gate and up are kept for backward."""
+    if should_recompute(cache is not None):
+        return _RecomputedSwiGLU.apply(gate, up, cache)
+    return F.silu(gate) * up
+
+
+# ---- applying a mode ------------------------------------------------------------------------------------
+
+
+def _swiglu_cache(backend, fp8_cache: bool | None) -> SwiGLUCache:
+    if fp8_cache is None:
+        fp8_cache = getattr(backend, "is_fp8", False)
+    if not fp8_cache:
+        return SwiGLUCache()
+    kernels = getattr(backend, "kernels", None)
+    if kernels is None:
+        raise ConfigError(f"fp8_swiglu_cache needs an FP8 precision backend, not {backend.name!r}.")
+    return SwiGLUCache(kernels.quantize, backend.cfg.pow2_scales)
+
+
+def _no_telemetry_while_recomputing(backend) -> None:
+    """A recomputed FP8 Linear must not sample telemetry again (its counters are per forward call)."""
+    if not hasattr(backend, "telemetry") or getattr(backend, "_recompute_telemetry_guard", False):
+        return
+    telemetry = backend.telemetry
+    backend.telemetry = lambda weight: None if recomputing() else telemetry(weight)
+    backend._recompute_telemetry_guard = True
+
+
+def apply_recompute(model: nn.Module, mode: str, *, fp8_swiglu_cache: bool | None = None) -> nn.Module:
+    """Set ``mode`` ("none", "selective" or "full", see the module docstring) on every layer of ``model``
+    and return it. ``fp8_swiglu_cache``: keep SwiGLU inputs in FP8 (default: when the backend is FP8)."""
+    from moelib.model.mla import MLA
+    from moelib.model.mlp import MLP
+    from moelib.model.moe import GroupedExperts
+    from moelib.model.norm import RMSNorm
+    from moelib.model.transformer import DecoderLayer
+
+    if mode not in MODES:
+        raise ConfigError(f"recompute mode must be one of {', '.join(MODES)}, got {mode!r}.")
+    selective = mode != "none"  # "full" sets the selective flags too, for layers the pipeline runs in pieces
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.recompute = selective
+        elif isinstance(m, MLA):
+            m.recompute_up_proj = selective
+        elif isinstance(m, (MLP, GroupedExperts)):
+            backend = m.backend if isinstance(m, GroupedExperts) else m.gate_proj.backend
+            m.recompute_swiglu = _swiglu_cache(backend, fp8_swiglu_cache) if selective else None
+        elif isinstance(m, DecoderLayer):
+            m.recompute_layer = mode == "full"
+        if hasattr(m, "backend"):
+            _no_telemetry_while_recomputing(m.backend)
+    return model
