@@ -17,14 +17,20 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moelib import ModelConfig, MoelibError  # noqa: E402
 from moelib.config import PIPELINE_SCHEDULES, PRECISION_BACKENDS, PRESETS, RecipeConfig  # noqa: E402
 from moelib.parallel import launch  # noqa: E402
 from moelib.parallel.mesh import auto_layout  # noqa: E402
+from moelib.precision.telemetry import collect_telemetry  # noqa: E402
 from moelib.train.checkpoint import CheckpointReader, prune_checkpoints, save_checkpoint  # noqa: E402
 from moelib.train.data import BatchLoader, PackedDataset, default_corpus  # noqa: E402
+from moelib.train.faults import SkipGuard, StopRequest  # noqa: E402
+from moelib.train.logger import TrainingLogger  # noqa: E402
+from moelib.train.metrics import measure_matmul_flops, model_flops_per_token  # noqa: E402
 from moelib.train.tokenizer import Tokenizer  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -57,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--load", help="resume from this checkpoint (a step directory or a --save directory)")
     p.add_argument("--log-interval", type=int)
     p.add_argument("--log-json", help="rank 0 appends one JSON line per logged step to this file")
+    p.add_argument("--tensorboard-dir", help="also write TensorBoard event files here (needs tensorboard)")
+    p.add_argument("--peak-tflops", type=float, help="per-rank peak for MFU (default: a matmul measured at start)")
+    p.add_argument("--max-skipped-steps", type=int, default=10,
+                   help="stop after this many steps in a row with a non-finite loss or gradient (0: never)")
     return p.parse_args(argv)
 
 
@@ -80,7 +90,6 @@ def load_config(args) -> RecipeConfig:
 
 
 def main(argv=None) -> int:
-    import json
 
     from moelib.parallel.engine import ParallelTrainer
 
@@ -131,35 +140,35 @@ def main(argv=None) -> int:
         f"MTP {counts['mtp'] / 1e6:.1f}M); {env.world_size} rank(s): {mesh.describe()}; "
         f"precision {train_cfg.precision.backend}; "
         f"global batch {global_batch} x {train_cfg.seq_length} tokens; {dataset.num_tokens:,} tokens of data")
-    log_file = open(args.log_json, "a") if args.log_json and env.is_main else None
-    progress = None
-    if env.is_main and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        progress = tqdm(total=train_cfg.train_iters, unit="step", dynamic_ncols=True)
+    # MFU against the peak the user gives, else the dense matmul rate measured here (per rank x ranks).
+    peak = (args.peak_tflops * 1e12 if args.peak_tflops else
+            measure_matmul_flops(torch.bfloat16 if train_cfg.precision.backend != "fp32" else torch.float32,
+                                 device=env.device)) * env.world_size
+    log = TrainingLogger(train_cfg.train_iters, trainer.step, train_cfg.log_interval, enabled=env.is_main,
+                         json_path=args.log_json, tensorboard_dir=args.tensorboard_dir,
+                         flops_per_token=model_flops_per_token(model_cfg, train_cfg.seq_length,
+                                                               train_cfg.mtp_loss_weight > 0),
+                         peak_flops=peak)
+    stop, guard = StopRequest(), SkipGuard(args.max_skipped_steps)
     start, first, recent = time.perf_counter(), None, []
-    while trainer.step < train_cfg.train_iters:
-        tokens, labels = loader.next_batch()
-        r = trainer.train_step(tokens, labels)
-        first = r.lm_loss if first is None else first
-        recent = (recent + [r.lm_loss])[-10:]
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{r.lm_loss:.3f}")
-        if r.step % train_cfg.log_interval == 0 or r.step == 1:
-            line = (f"step {r.step:5d} | loss {r.lm_loss:.4f} | mtp {r.mtp_loss:.4f} | lr {r.lr:.2e} | "
-                    f"grad norm {r.grad_norm:.2f} | MaxVio {r.max_vio:.3f} | {r.tokens_per_s:,.0f} tok/s")
-            if progress is not None:
-                progress.write(line)
-            else:
-                say(line)
-            if log_file:
-                log_file.write(json.dumps({k: v for k, v in vars(r).items() if k != "events"}) + "\n")
-                log_file.flush()
-        if args.save_interval and r.step % args.save_interval == 0 and r.step < train_cfg.train_iters:
-            save()
-    if progress is not None:
-        progress.close()
+    try:
+        while trainer.step < train_cfg.train_iters:
+            tokens, labels = loader.next_batch()
+            r = trainer.train_step(tokens, labels)
+            extra = telemetry_summary(trainer) if r.step % train_cfg.log_interval == 0 else None
+            log.step(r, extra)
+            guard.update(r.skipped, trainer.step)
+            if not r.skipped:
+                first = r.lm_loss if first is None else first
+                recent = (recent + [r.lm_loss])[-10:]
+            if stop.agreed():
+                log.write(f"{stop.signal_name or 'a stop request'} on some rank: saving at step {trainer.step}")
+                break
+            if args.save_interval and r.step % args.save_interval == 0 and r.step < train_cfg.train_iters:
+                save()
+    finally:
+        log.close()
+        stop.restore()
     path = save()
     if recent:
         say(f"done: step {trainer.step}, {time.perf_counter() - start:.0f}s, loss {first:.3f} -> "
@@ -167,6 +176,17 @@ def main(argv=None) -> int:
     say(f"checkpoint: {path}")
     return 0
 
+
+def telemetry_summary(trainer) -> dict[str, float]:
+    """FP8 health over this rank's Linears since the last call: share of values flushed to zero and of
+    saturated values (empty for non-FP8 backends or when telemetry is off)."""
+    counts = [c for model in trainer.models.values() for per_kind in collect_telemetry(model).values()
+              for c in per_kind.values()]
+    total = sum(c["numel"] for c in counts)
+    if not total:
+        return {}
+    return {"fp8_underflow": sum(c["underflow"] for c in counts) / total,
+            "fp8_saturated": sum(c["saturated"] for c in counts) / total}
 
 if __name__ == "__main__":
     try:

@@ -7,6 +7,7 @@ single-process training of the same model and data is the reference every layout
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -38,6 +39,9 @@ class ParallelStepResult:
     max_vio: float
     tokens_per_s: float
     events: list[dict] | None = None
+    balance_loss: float = 0.0     # alpha * L_bal summed over MoE layers, mean over micro-batches
+    skipped: bool = False         # non-finite loss or gradient: no update was made
+    seconds: float = 0.0
 
 
 class ParallelTrainer:
@@ -85,7 +89,11 @@ class ParallelTrainer:
         return self.local_batch_size * self.mesh.dp
 
     def train_step(self, tokens: torch.Tensor, labels: torch.Tensor) -> ParallelStepResult:
-        """One optimizer step on this DP rank's share of the global batch, [local_batch_size, T]."""
+        """One optimizer step on this DP rank's share of the global batch, [local_batch_size, T].
+
+        A non-finite loss or gradient norm (the same on every rank: both are global) skips the update:
+        gradients and expert counts are dropped and ``skipped`` is set; the step counter does not move.
+        """
         start = time.perf_counter()
         cfg, mbs = self.cfg, self.cfg.micro_batch_size
         device = self.env.device
@@ -95,24 +103,34 @@ class ParallelTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         stats = self.runtime.step(batches)
-        self.sync.reduce_gradients()
-        grad_norm = self.sync.clip_grad_norm_(cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        counts = self.sync.update_router_biases(cfg.bias_update_speed)
-        self.step += 1
         # The losses live on the ranks that ran last stages; sum over the pipeline, average over DP.
-        losses = torch.tensor([stats.loss, stats.lm_loss, stats.mtp_loss], dtype=torch.float64)
+        aux = sum(m.pop_aux_loss() for model in self.models.values() for m in model.moe_layers().values())
+        losses = torch.tensor([stats.loss, stats.lm_loss, stats.mtp_loss, float(aux)], dtype=torch.float64)
         dist.all_reduce(losses)
         losses /= self.mesh.dp
-        vio = sum(max_violation(c) for c in counts.values())
-        n_layers = torch.tensor([float(len(counts)), vio], dtype=torch.float64)
-        dist.all_reduce(n_layers, group=self.mesh.pp_group)  # each MoE layer lives on one pipeline rank
-        max_vio = float(n_layers[1] / n_layers[0]) if n_layers[0] > 0 else 0.0
+        self.sync.reduce_gradients()
+        grad_norm = self.sync.clip_grad_norm_(cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
+        skipped = not (math.isfinite(grad_norm) and bool(torch.isfinite(losses).all()))
+        if skipped:
+            self.optimizer.zero_grad()
+            for model in self.models.values():
+                for moe in model.moe_layers().values():
+                    moe.load_counts.zero_()
+            max_vio = float("nan")
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+            counts = self.sync.update_router_biases(cfg.bias_update_speed)
+            self.step += 1
+            vio = sum(max_violation(c) for c in counts.values())
+            n_layers = torch.tensor([float(len(counts)), vio], dtype=torch.float64)
+            dist.all_reduce(n_layers, group=self.mesh.pp_group)  # each MoE layer lives on one pipeline rank
+            max_vio = float(n_layers[1] / n_layers[0]) if n_layers[0] > 0 else 0.0
         elapsed = time.perf_counter() - start
         return ParallelStepResult(self.step, float(losses[0]), float(losses[1]), float(losses[2]), lr, grad_norm,
                                   max_vio, self.global_batch_size * cfg.seq_length / elapsed,
-                                  stats.events if self.runtime.record else None)
+                                  stats.events if self.runtime.record else None, balance_loss=float(losses[3]),
+                                  skipped=skipped, seconds=elapsed)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's parameters and buffers under their global names (copies on other ranks overlap)."""

@@ -1,5 +1,6 @@
 """recipes/v3_pretrain.py under mpirun: it trains, writes one layout-free checkpoint, and bad flags fail early."""
 
+import json
 import sys
 
 import pytest
@@ -21,8 +22,19 @@ def mpirun_recipe(n: int, *args: str, timeout: float = 600):
 def test_four_ranks_train_and_checkpoint(tmp_path):
     rc, out, err = mpirun_recipe(4, "--train-iters", "2", "--seq-length", "32", "--micro-batch-size", "2",
                                  "--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2",
-                                 "--log-interval", "1", "--save", str(tmp_path))
+                                 "--log-interval", "1", "--save", str(tmp_path), "--log-json",
+                                 str(tmp_path / "log.jsonl"), "--tensorboard-dir", str(tmp_path / "tb"))
     assert rc == 0, err[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]  # rank 0 only, once per step
+    for key in ("loss", "mtp_loss", "balance_loss", "lr", "grad_norm", "max_vio", "tokens_per_s", "tflops", "mfu"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert "TFLOP/s" in out and "MFU" in out and "balance" in out
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/lm_loss")] == [1, 2]
     assert out.count("checkpoint:") == 1 and "PP 2 x DP 2 (EP 2 x EDP 1), dualpipe" in out
     manifest, state = load_checkpoint(tmp_path)
     full = build_model(ModelConfig.from_preset("tiny"), "fp32", device="meta").state_dict()
@@ -37,10 +49,11 @@ def test_four_ranks_train_and_checkpoint(tmp_path):
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_sixteen_ranks_default_layout():
-    rc, out, err = mpirun_recipe(16, "--train-iters", "3", "--log-interval", "1", "--save", "/tmp/moelib-16rank-ckpt")
+def test_sixteen_ranks_default_layout(tmp_path):
+    rc, out, err = mpirun_recipe(16, "--train-iters", "3", "--log-interval", "1", "--save", str(tmp_path))
     assert rc == 0, err[-3000:]
-    assert "16 rank(s): PP 2 x DP 8" in out and out.count("step ") == 3
+    step_lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert "16 rank(s): PP 2 x DP 8" in out and len(step_lines) == 3, out
 
 
 @pytest.mark.dist

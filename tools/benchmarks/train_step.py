@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from moelib import ModelConfig, TrainConfig
 from moelib.model import build_model
 from moelib.train.hf_format import to_hf_config, to_hf_state_dict
+from moelib.train.metrics import measure_matmul_flops, model_flops_per_token
 from moelib.train.optimizer import build_optimizer
 
 
@@ -37,23 +38,6 @@ def add_args(p) -> None:
 
 def variant(args) -> str:
     return f"{args.preset}-{args.dtype}"
-
-
-def model_flops_per_token(cfg: ModelConfig, seq: int) -> float:
-    """Main model only (the step runs no MTP): 6 x activated matmul parameters, embedding excluded, plus
-    the attention scores and values (causal, so half of them)."""
-    c = cfg.param_counts()
-    attention = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * seq * (cfg.qk_head_dim + cfg.v_head_dim) / 2
-    return 6 * (c["activated"] - c["embedding"]) + attention
-
-
-def matmul_rate(dtype: torch.dtype, n: int = 1024, reps: int = 8) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - start)
 
 
 def hf_model(model, cfg: ModelConfig):
@@ -105,8 +89,8 @@ def run(args) -> dict:
                 times[name].append(t)
     ntok = args.batch * args.seq
     mm_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    peak = matmul_rate(mm_dtype)
-    flops = model_flops_per_token(cfg, args.seq)
+    peak = measure_matmul_flops(mm_dtype)
+    flops = model_flops_per_token(cfg, args.seq, with_mtp=False)
     result = {"preset": args.preset, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
               "matmul_gflops": peak / 1e9, "models": {}}
     print(f"train-step  preset={args.preset} dtype={args.dtype} batch={args.batch}x{args.seq}  "

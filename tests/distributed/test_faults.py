@@ -1,0 +1,90 @@
+"""Faults: a non-finite step is skipped (and too many in a row stop the run); SIGTERM on any rank saves a
+checkpoint on every rank and exits cleanly."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from _mpi import REPO, require_mpirun, worker_env
+
+from moelib import ModelConfig, TrainConfig
+from moelib.config import ParallelConfig
+from moelib.parallel.engine import ParallelTrainer
+from moelib.train.checkpoint import CheckpointReader
+from moelib.train.faults import SkipGuard, TooManySkippedSteps
+
+RECIPE = str(REPO / "recipes" / "v3_pretrain.py")
+
+
+def test_non_finite_step_is_skipped_and_guarded():
+    cfg = ModelConfig.from_preset("tiny", num_hidden_layers=2)
+    trainer = ParallelTrainer(cfg, TrainConfig(micro_batch_size=2, seq_length=16, precision={"backend": "fp32"}),
+                              ParallelConfig())
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    assert not trainer.train_step(tokens[:, :-1], tokens[:, 1:]).skipped
+    model = next(iter(trainer.models.values()))
+    with torch.no_grad():
+        model.layers["1"].self_attn.o_proj.weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = trainer.train_step(tokens[:, :-1], tokens[:, 1:])
+    assert r.skipped and trainer.step == 1 and trainer.optimizer.step_count == 1
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) or torch.isnan(before[k]).any() for k in before)
+    guard = SkipGuard(3)
+    guard.update(True, 1)
+    guard.update(False, 2)
+    guard.update(True, 2)
+    guard.update(True, 2)
+    with pytest.raises(TooManySkippedSteps, match="3 steps in a row"):
+        guard.update(True, 2)
+
+
+def start(cmd, tmp_path):
+    log = open(tmp_path / "out.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=worker_env(),
+                            start_new_session=True)
+    return proc, tmp_path / "out.log"
+
+
+def wait_for(text: str, path, proc, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in path.read_text():
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"never saw {text!r}: {path.read_text()[-2000:]}")
+
+
+ARGS = ["--train-iters", "100000", "--seq-length", "32", "--micro-batch-size", "2", "--log-interval", "1"]
+
+
+@pytest.mark.dist
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    proc, log = start([sys.executable, RECIPE, *ARGS, "--save", str(tmp_path / "ck")], tmp_path)
+    wait_for("step      2", log, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, log.read_text()[-2000:]
+    reader = CheckpointReader(tmp_path / "ck")
+    assert 2 <= reader.manifest["step"] < 100000 and "SIGTERM" in log.read_text()
+
+
+@pytest.mark.dist
+def test_sigterm_on_one_rank_stops_every_rank(tmp_path):
+    save = tmp_path / "ck2"
+    cmd = [require_mpirun(), "--allow-run-as-root", "--oversubscribe", "-n", "2", sys.executable, RECIPE, *ARGS,
+           "--pipeline-model-parallel-size", "2", "--save", str(save)]
+    proc, log = start(cmd, tmp_path)
+    wait_for("step      2", log, proc)
+    ranks = subprocess.run(["pgrep", "-f", f"python.*{save}"], capture_output=True, text=True).stdout.split()
+    ranks = [int(p) for p in ranks if int(p) != proc.pid]
+    assert len(ranks) == 2, ranks
+    os.kill(max(ranks), signal.SIGTERM)  # one rank only
+    assert proc.wait(timeout=120) == 0, log.read_text()[-2000:]
+    assert CheckpointReader(save).manifest["step"] >= 2
