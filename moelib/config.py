@@ -306,6 +306,9 @@ class TrainConfig:
     clip_grad: float = 1.0
     bias_update_speed: float = 1e-3  # gamma of aux-loss-free balancing
     mtp_loss_weight: float = 0.3     # lambda
+    moment_dtype: str = "fp32"       # AdamW first/second moments: "fp32" or "bf16" (V3)
+    ema_decay: float = 0.0           # parameter EMA kept in CPU memory; 0 turns it off (V3 keeps one)
+    recompute: str = "none"          # activation recomputation: "none", "selective" (V3) or "full"
     seed: int = 1234
     log_interval: int = 10
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -328,6 +331,11 @@ class TrainConfig:
         for name in ("weight_decay", "clip_grad", "bias_update_speed", "mtp_loss_weight"):
             value = getattr(self, name)
             _require(value >= 0, c, name, f"must be >= 0, got {value}")
+        _require(self.moment_dtype in ("fp32", "bf16"), c, "moment_dtype",
+                 f"must be fp32 or bf16, got {self.moment_dtype!r}")
+        _require(0 <= self.ema_decay < 1, c, "ema_decay", f"must lie in [0, 1) (0: no EMA), got {self.ema_decay}")
+        _require(self.recompute in ("none", "selective", "full"), c, "recompute",
+                 f"must be none, selective or full, got {self.recompute!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
