@@ -464,12 +464,15 @@ class DataConfig:
 class RecipeConfig:
     """A run as the recipe's YAML files describe it: sections model / train / parallel / data, whose keys
     are the dataclasses' field names. ``model`` may name a preset (``preset: tiny``) plus overrides; an
-    empty ``parallel`` means "choose a layout for the world size"."""
+    empty ``parallel`` means "choose a layout for the world size". The optional ``schedule`` section
+    overrides fields of the token-driven ScheduleConfig the recipe derives from ``train``
+    (moelib.train.schedules.schedule_for_run); it is checked there."""
 
     model: ModelConfig
     train: TrainConfig
     parallel: ParallelConfig | None
     data: DataConfig
+    schedule: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> RecipeConfig:
@@ -485,10 +488,11 @@ class RecipeConfig:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model, train, parallel, data)")
-        unknown = sorted(set(raw) - {"model", "train", "parallel", "data"})
+        known = ("model", "train", "parallel", "data", "schedule")
+        unknown = sorted(set(raw) - set(known))
         if unknown:
-            raise ConfigError(f"{path}: unknown section {unknown[0]!r} (known: model, train, parallel, data)")
-        sections = {k: dict(raw.get(k) or {}) for k in ("model", "train", "parallel", "data")}
+            raise ConfigError(f"{path}: unknown section {unknown[0]!r} (known: {', '.join(known)})")
+        sections = {k: dict(raw.get(k) or {}) for k in known}
         for section, values in (overrides or {}).items():
             sections[section].update({k: v for k, v in values.items() if v is not None})
         model = dict(sections["model"])
@@ -496,4 +500,4 @@ class RecipeConfig:
         model_cfg = ModelConfig.from_preset(preset, **model) if preset else ModelConfig.from_dict(model)
         par = ParallelConfig.from_dict(sections["parallel"]) if sections["parallel"] else None
         return cls(model_cfg, TrainConfig.from_dict(sections["train"]), par,
-                   DataConfig.from_dict(sections["data"]))
+                   DataConfig.from_dict(sections["data"]), sections["schedule"])

@@ -31,6 +31,7 @@ from moelib.train.data import BatchLoader, PackedDataset, default_corpus  # noqa
 from moelib.train.faults import SkipGuard, StopRequest  # noqa: E402
 from moelib.train.logger import TrainingLogger  # noqa: E402
 from moelib.train.metrics import measure_matmul_flops, model_flops_per_token  # noqa: E402
+from moelib.train.schedules import Schedules, schedule_for_run  # noqa: E402
 from moelib.train.tokenizer import Tokenizer  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -44,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch-size", type=int)
     p.add_argument("--global-batch-size", type=int, default=None,
                    help="default: micro-batch size x micro-batches x data-parallel size")
+    p.add_argument("--rampup-batch-size", nargs=3, type=int, metavar=("START", "INCREMENT", "SAMPLES"),
+                   help="grow the global batch from START by INCREMENT over SAMPLES samples (as Megatron)")
     p.add_argument("--seq-length", type=int)
     p.add_argument("--train-iters", type=int)
     p.add_argument("--lr", type=float)
@@ -51,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr-warmup-iters", type=int)
     p.add_argument("--precision", choices=PRECISION_BACKENDS)
     p.add_argument("--seed", type=int)
+    p.add_argument("--recompute", choices=("none", "selective", "full"),
+                   help="activation recomputation: selective = V3's RMSNorm, MLA up-projections, SwiGLU")
     p.add_argument("--pipeline-model-parallel-size", type=int)
     p.add_argument("--expert-model-parallel-size", type=int)
     p.add_argument("--pipeline-schedule", choices=PIPELINE_SCHEDULES)
@@ -60,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save", default="checkpoints/v3_pretrain", help="directory for checkpoints")
     p.add_argument("--save-interval", type=int, default=0, help="also save every N steps (0: only at the end)")
     p.add_argument("--keep-last", type=int, default=3, help="keep this many newest checkpoints")
+    p.add_argument("--exit-interval", type=int, default=0,
+                   help="save and stop once the step is a multiple of N (the schedules still span --train-iters)")
     p.add_argument("--load", help="resume from this checkpoint (a step directory or a --save directory)")
     p.add_argument("--log-interval", type=int)
     p.add_argument("--log-json", help="rank 0 appends one JSON line per logged step to this file")
@@ -78,6 +85,7 @@ def load_config(args) -> RecipeConfig:
     train = {"micro_batch_size": args.micro_batch_size, "seq_length": args.seq_length,
              "train_iters": args.train_iters, "lr": args.lr, "min_lr": args.min_lr,
              "lr_warmup_iters": args.lr_warmup_iters, "seed": args.seed, "log_interval": args.log_interval,
+             "recompute": args.recompute,
              "precision": {"backend": args.precision} if args.precision else None}
     parallel = {"pipeline_model_parallel_size": args.pipeline_model_parallel_size,
                 "expert_model_parallel_size": args.expert_model_parallel_size,
@@ -119,19 +127,27 @@ def main(argv=None) -> int:
     if global_batch != trainer.global_batch_size:
         raise MoelibError(f"--global-batch-size {global_batch} must equal micro-batch size x micro-batches x "
                           f"data-parallel size = {train_cfg.micro_batch_size} x {par.microbatches} x {mesh.dp}")
+    schedule_cfg = schedule_for_run(train_cfg, global_batch, rampup=args.rampup_batch_size, overrides=run.schedule)
+    check_batch_sizes(schedule_cfg, train_cfg.micro_batch_size, par, mesh.dp)
+    schedules = Schedules(schedule_cfg)
     loader = BatchLoader(dataset, global_batch, seed=train_cfg.seed, dp_rank=mesh.dp_rank, dp_size=mesh.dp)
     if args.load:
         reader = CheckpointReader(args.load)
         if ModelConfig.from_dict(reader.manifest["model"]) != model_cfg:
             raise MoelibError(f"{reader.path}: the checkpoint's model config differs from --config {args.config}")
         trainer.load_checkpoint(reader)
-        loader.load_state_dict(reader.manifest["data"])
-        say(f"resumed from {reader.path} at step {trainer.step} ({reader.manifest['train']['layout']})")
+        if "train" in reader.manifest:  # a training checkpoint: continue its data and schedules too
+            loader.load_state_dict(reader.manifest["data"])
+            schedules.load_state_dict(reader.manifest["schedule"])
+            say(f"resumed from {reader.path} at step {trainer.step} ({reader.manifest['train']['layout']})")
+        else:
+            say(f"initialised from the weights of {reader.path} (no training state: fresh optimizer and data)")
 
     def save() -> Path:
         tensors, meta = trainer.checkpoint_state()
         path = save_checkpoint(args.save, tensors, model_cfg, trainer.step,
-                               extra={"train": meta, "data": loader.state_dict()})
+                               extra={"train": meta, "data": loader.state_dict(), "schedule": schedules.state_dict(),
+                                      "schedule_config": schedule_cfg.to_dict()})
         if env.is_main:
             prune_checkpoints(args.save, args.keep_last)
         return path
@@ -153,16 +169,22 @@ def main(argv=None) -> int:
     start, first, recent = time.perf_counter(), None, []
     try:
         while trainer.step < train_cfg.train_iters:
-            tokens, labels = loader.next_batch()
-            r = trainer.train_step(tokens, labels)
+            v = schedules.step()
+            tokens, labels = loader.next_batch(v.batch_size)
+            r = trainer.train_step(tokens, labels, lr=v.lr, mtp_weight=v.mtp_weight,
+                                   bias_update_speed=v.bias_update_speed)
             extra = telemetry_summary(trainer) if r.step % train_cfg.log_interval == 0 else None
-            log.step(r, extra)
+            log.step(r, extra, quiet={"batch_size": v.batch_size, "consumed_tokens": v.tokens,
+                                      "mtp_weight": v.mtp_weight, "bias_update_speed": v.bias_update_speed})
             guard.update(r.skipped, trainer.step)
             if not r.skipped:
                 first = r.lm_loss if first is None else first
                 recent = (recent + [r.lm_loss])[-10:]
             if stop.agreed():
                 log.write(f"{stop.signal_name or 'a stop request'} on some rank: saving at step {trainer.step}")
+                break
+            if args.exit_interval and not r.skipped and r.step % args.exit_interval == 0:
+                log.write(f"--exit-interval {args.exit_interval}: saving and stopping at step {trainer.step}")
                 break
             if args.save_interval and r.step % args.save_interval == 0 and r.step < train_cfg.train_iters:
                 save()
@@ -175,6 +197,21 @@ def main(argv=None) -> int:
             f"{sum(recent) / len(recent):.3f} (mean of the last {len(recent)} steps)")
     say(f"checkpoint: {path}")
     return 0
+
+
+def check_batch_sizes(cfg, micro_batch_size: int, par, dp: int) -> None:
+    """Every global batch the ramp produces must split into whole micro-batches per DP rank in a number
+    the pipeline schedule accepts; say which flag to change before any work starts."""
+    unit = micro_batch_size * dp * (2 if par.pipeline_schedule == "dualpipe" else 1)
+    fewest = 1 if par.pipeline_schedule == "1f1b" else 2 * par.pp
+    for name, value in (("START", cfg.batch_start), ("INCREMENT", cfg.batch_granularity)):
+        if cfg.batch_start != cfg.batch_end and value % unit:
+            raise MoelibError(f"--rampup-batch-size {name} {value} must be a multiple of {unit} (micro-batch size "
+                              f"x data-parallel size{' x 2 for DualPipe' if unit > micro_batch_size * dp else ''})")
+    if cfg.batch_start // (micro_batch_size * dp) < fewest:
+        raise MoelibError(f"--rampup-batch-size START {cfg.batch_start} gives "
+                          f"{cfg.batch_start // (micro_batch_size * dp)} micro-batches per data-parallel rank; "
+                          f"{par.pipeline_schedule} needs at least {fewest}")
 
 
 def telemetry_summary(trainer) -> dict[str, float]:

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from moelib.config import ModelConfig, ParallelConfig, TrainConfig
-from moelib.errors import CheckpointError
+from moelib.errors import CheckpointError, ConfigError
+from moelib.model.recompute import apply_recompute
 from moelib.model.router import max_violation
 from moelib.parallel.expert_parallel import shard_experts
 from moelib.parallel.grad_sync import GradSync
@@ -64,6 +65,7 @@ class ParallelTrainer:
             if par.ep > 1 or par.max_nodes_per_token is not None:
                 shard_experts(model, mesh.ep_group, fp8=fp8_dispatch, ranks_per_node=par.ranks_per_node,
                               max_nodes=par.max_nodes_per_token, grad_group=mesh.ep_grad_group)
+            apply_recompute(model, cfg.recompute)
             model.set_aux_loss_scale(1.0 / par.microbatches)
             self.models[c] = model
         embedding = next((m.embed_tokens for c, m in self.models.items() if stage_ids[c] == 0), None)
@@ -78,6 +80,17 @@ class ParallelTrainer:
                                        self.env.device, autocast=lambda: backend.autocast(self.env.device.type),
                                        mtp_weight=cfg.mtp_loss_weight, record=record_timeline)
         self.step = 0
+        self._schedules = {par.microbatches: schedule}
+
+    def set_microbatches(self, m: int) -> None:
+        """Run the next steps with ``m`` micro-batches per DP rank (a batch-size ramp changes it)."""
+        if m == self.runtime.schedule.num_microbatches:
+            return
+        if m not in self._schedules:
+            self._schedules[m] = build_schedule(self.par.pipeline_schedule, self.par.pp, m)
+        self.runtime.set_schedule(self._schedules[m])
+        for model in self.models.values():
+            model.set_aux_loss_scale(1.0 / m)
 
     @property
     def local_batch_size(self) -> int:
@@ -88,20 +101,30 @@ class ParallelTrainer:
     def global_batch_size(self) -> int:
         return self.local_batch_size * self.mesh.dp
 
-    def train_step(self, tokens: torch.Tensor, labels: torch.Tensor) -> ParallelStepResult:
-        """One optimizer step on this DP rank's share of the global batch, [local_batch_size, T].
+    def train_step(self, tokens: torch.Tensor, labels: torch.Tensor, *, lr: float | None = None,
+                   mtp_weight: float | None = None, bias_update_speed: float | None = None) -> ParallelStepResult:
+        """One optimizer step on this DP rank's share of the global batch, [k x micro_batch_size, T]: k
+        micro-batches (``local_batch_size`` rows by default; a batch-size ramp sends other multiples).
 
+        ``lr``, ``mtp_weight`` and ``bias_update_speed`` come from the token-driven schedules
+        (moelib.train.schedules.Schedules); left out, they are ``lr_at(step)`` and the TrainConfig values.
         A non-finite loss or gradient norm (the same on every rank: both are global) skips the update:
         gradients and expert counts are dropped and ``skipped`` is set; the step counter does not move.
         """
         start = time.perf_counter()
         cfg, mbs = self.cfg, self.cfg.micro_batch_size
+        if tokens.shape[0] % mbs or tokens.shape[0] == 0:
+            raise ConfigError(f"batch of {tokens.shape[0]} sequences on this data-parallel rank is not a positive "
+                              f"multiple of micro_batch_size {mbs}")
+        self.set_microbatches(tokens.shape[0] // mbs)
         device = self.env.device
         batches = [(tokens[i:i + mbs].to(device), labels[i:i + mbs].to(device))
                    for i in range(0, tokens.shape[0], mbs)]
-        lr = lr_at(self.step, cfg)
+        lr = lr_at(self.step, cfg) if lr is None else lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        self.runtime.mtp_weight = cfg.mtp_loss_weight if mtp_weight is None else mtp_weight
+        gamma = cfg.bias_update_speed if bias_update_speed is None else bias_update_speed
         stats = self.runtime.step(batches)
         # The losses live on the ranks that ran last stages; sum over the pipeline, average over DP.
         aux = sum(m.pop_aux_loss() for model in self.models.values() for m in model.moe_layers().values())
@@ -120,7 +143,7 @@ class ParallelTrainer:
         else:
             self.optimizer.step()
             self.optimizer.zero_grad()
-            counts = self.sync.update_router_biases(cfg.bias_update_speed)
+            counts = self.sync.update_router_biases(gamma)
             self.step += 1
             vio = sum(max_violation(c) for c in counts.values())
             n_layers = torch.tensor([float(len(counts)), vio], dtype=torch.float64)
@@ -128,7 +151,7 @@ class ParallelTrainer:
             max_vio = float(n_layers[1] / n_layers[0]) if n_layers[0] > 0 else 0.0
         elapsed = time.perf_counter() - start
         return ParallelStepResult(self.step, float(losses[0]), float(losses[1]), float(losses[2]), lr, grad_norm,
-                                  max_vio, self.global_batch_size * cfg.seq_length / elapsed,
+                                  max_vio, tokens.numel() * self.mesh.dp / elapsed,
                                   stats.events if self.runtime.record else None, balance_loss=float(losses[3]),
                                   skipped=skipped, seconds=elapsed)
 
@@ -155,14 +178,22 @@ class ParallelTrainer:
         return tensors, meta
 
     def load_checkpoint(self, reader) -> None:
-        """Restore model, router biases, optimizer and step from a CheckpointReader (any layout)."""
+        """Restore model, router biases, optimizer and step from a CheckpointReader (any layout). A
+        checkpoint without training state (e.g. imported from Hugging Face) gives the weights only."""
         with torch.no_grad():
             for model in self.models.values():
                 own = model.state_dict()
                 missing = [k for k in own if k not in reader.weight_map]
                 if missing:
                     raise CheckpointError(f"{reader.path}: tensor {missing[0]} of this model is missing")
-                model.load_state_dict({k: reader.get(k) for k in own})
+                loaded = {k: reader.get(k) for k in own}
+                for k, t in loaded.items():
+                    if t.shape != own[k].shape:
+                        raise CheckpointError(f"{reader.path}: tensor {k} has shape {tuple(t.shape)}, this model "
+                                              f"expects {tuple(own[k].shape)}")
+                model.load_state_dict(loaded)
+        if "train" not in reader.manifest:
+            return
         meta = reader.manifest["train"]
         names = self.optimizer_names()
         state = {name: {kind: reader.get(f"optimizer.{kind}.{name}") for kind in ("exp_avg", "exp_avg_sq")}

@@ -125,6 +125,8 @@ def init(backend: str | None = None, timeout_s: float = 600.0) -> DistEnv:
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
         # A one-process group too, so the parallel code never branches on "distributed or not".
         store = dist.HashStore() if size == 1 else None
+        if store is not None:  # mpirun -n 1 or torchrun with one process: no rendezvous needed
+            init_method = None
         try:
             dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, store=store,
                                     timeout=datetime.timedelta(seconds=timeout_s))

@@ -38,7 +38,9 @@ class TrainingLogger:
         out.update(extra or {})
         return out
 
-    def step(self, r, extra: dict[str, float] | None = None) -> None:
+    def step(self, r, extra: dict[str, float] | None = None, quiet: dict[str, float] | None = None) -> None:
+        """Log step result ``r``; ``extra`` goes everywhere, ``quiet`` (e.g. schedule values) to JSON and
+        TensorBoard only."""
         if not self.enabled:
             return
         if self.bar is not None:
@@ -56,6 +58,7 @@ class TrainingLogger:
         for key in sorted(extra or {}):
             line += f" | {key} {extra[key]:.3g}"
         self.write(line)
+        m.update(quiet or {})
         if self.json:
             self.json.write(json.dumps(m) + "\n")
             self.json.flush()

@@ -267,6 +267,43 @@ def tokens_for_steps(steps: int, cfg: ScheduleConfig) -> int:
                              cfg.batch_granularity)
 
 
+def schedule_for_run(train: TrainConfig, global_batch: int, *, rampup: tuple[int, int, int] | None = None,
+                     overrides: dict[str, Any] | None = None) -> ScheduleConfig:
+    """The schedules of a run of ``train.train_iters`` steps: V3's shape (``for_budget``) scaled to the
+    tokens those steps consume, with the run's peak and final LR, warm-up steps, λ (dropping to a third of
+    it, as V3's 0.3 → 0.1) and γ. ``rampup`` is Megatron's --rampup-batch-size (start, increment, ramp-up
+    samples), ending at ``global_batch``. ``overrides`` (the recipe YAML's ``schedule`` section) replace
+    any field at the end."""
+    seq = train.seq_length
+    start, increment, samples = rampup if rampup is not None else (global_batch, global_batch, 0)
+    _require(_is_int(start) and 0 < start <= global_batch, "rampup_batch_size", "start",
+             f"must lie in [1, global batch size {global_batch}], got {start!r}")
+    _require(_is_int(increment) and increment > 0, "rampup_batch_size", "increment",
+             f"must be a positive integer, got {increment!r}")
+    _require(_is_int(samples) and samples >= 0, "rampup_batch_size", "samples",
+             f"must be a non-negative integer, got {samples!r}")
+    ramp = (start, global_batch, samples * seq, increment)
+    total = _tokens_for_steps(train.train_iters, seq, *ramp)
+    cfg = ScheduleConfig.for_budget(total, train.lr, train.min_lr, 0, seq_length=seq, batch_end=global_batch,
+                                    batch_start=start, batch_granularity=increment,
+                                    mtp_weight=train.mtp_loss_weight, mtp_weight_after=train.mtp_loss_weight / 3,
+                                    bias_update_speed=train.bias_update_speed)
+    cfg = dataclasses.replace(cfg, batch_ramp_tokens=samples * seq)
+    warmup = tokens_for_steps(train.lr_warmup_iters, cfg)
+    if warmup > cfg.lr_constant_until_tokens:
+        # A warm-up longer than V3's constant phase (short runs): the cosine and the tails start after it.
+        shift = warmup - cfg.lr_constant_until_tokens
+        tails = [(start + shift, lr) for start, lr in cfg.lr_tails]
+        cfg = dataclasses.replace(cfg, lr_constant_until_tokens=warmup, lr_tails=tails)
+    cfg = dataclasses.replace(cfg, lr_warmup_tokens=warmup)
+    if overrides:
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ScheduleConfig)})
+        if unknown:
+            raise ConfigError(f"schedule.{unknown[0]}: not a ScheduleConfig field")
+        cfg = ScheduleConfig.from_dict({**cfg.to_dict(), **overrides})
+    return cfg
+
+
 # -- the per-step object a trainer holds --------------------------------------------------------------------
 
 @dataclass
@@ -335,5 +372,6 @@ class Schedules:
 
 __all__ = [
     "ScheduleConfig", "ScheduleState", "Schedules", "StepValues", "V3_WARMUP_STEPS", "V3_WARMUP_TOKENS",
-    "batch_size_at", "bias_speed_at", "lr_at", "lr_at_tokens", "mtp_weight_at", "tokens_for_steps",
+    "batch_size_at", "bias_speed_at", "lr_at", "lr_at_tokens", "mtp_weight_at", "schedule_for_run",
+    "tokens_for_steps",
 ]

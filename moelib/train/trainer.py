@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from moelib.config import ModelConfig, TrainConfig
+from moelib.model.recompute import apply_recompute
 from moelib.model.transformer import Transformer, build_model
 from moelib.train.metrics import LoadStats, collect_load
 from moelib.train.optimizer import build_optimizer
@@ -35,6 +36,7 @@ class Trainer:
         self.cfg, self.device = cfg, torch.device(device)
         self.model = model if model is not None else build_model(model_cfg, cfg.precision, seed=cfg.seed)
         self.model.to(self.device)
+        apply_recompute(self.model, cfg.recompute)
         self.optimizer = build_optimizer(self.model, cfg)
         self.step = 0
         self.last_load: LoadStats | None = None

@@ -62,6 +62,10 @@ def test_sixteen_ranks_default_layout(tmp_path):
     (["--expert-model-parallel-size", "3"], "expert-parallel size 3"),
     (["--pipeline-model-parallel-size", "2", "--pipeline-schedule", "dualpipe", "--num-microbatches", "3"],
      "micro-batches"),
+    (["--pipeline-model-parallel-size", "2", "--micro-batch-size", "1", "--rampup-batch-size", "6", "2", "10"],
+     "--rampup-batch-size START 6 must be a multiple of 4"),
+    (["--pipeline-model-parallel-size", "2", "--micro-batch-size", "1", "--rampup-batch-size", "4", "4", "10"],
+     "--rampup-batch-size START 4 gives 2 micro-batches per data-parallel rank; dualpipe needs at least 4"),
 ])
 def test_bad_layout_fails_with_one_line_on_rank_0(flags, message):
     rc, out, err = mpirun_recipe(4, "--train-iters", "1", *flags, timeout=120)
@@ -69,3 +73,50 @@ def test_bad_layout_fails_with_one_line_on_rank_0(flags, message):
     lines = [line for line in err.splitlines() if "v3_pretrain: error:" in line]
     assert len(lines) == 1 and message in lines[0], err[-2000:]
     assert "Traceback" not in err
+
+
+@pytest.mark.dist
+def test_batch_ramp_and_token_schedules_match_one_process(tmp_path):
+    """--rampup-batch-size: DualPipe on 4 ranks runs each step with as many micro-batches as the ramp's batch
+    needs and follows the single-process run's losses; LR, λ and γ are the token-driven schedules'."""
+    flags = ["--precision", "fp32", "--seq-length", "32", "--micro-batch-size", "1", "--train-iters", "6",
+             "--lr-warmup-iters", "2", "--log-interval", "1", "--global-batch-size", "16",
+             "--rampup-batch-size", "8", "4", "40"]
+    rc, _, err = mpirun_recipe(4, *flags, "--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2",
+                               "--num-microbatches", "8", "--save", str(tmp_path / "a"),
+                               "--log-json", str(tmp_path / "a.jsonl"))
+    assert rc == 0, err[-3000:]
+    rc, _, err = mpirun_recipe(1, *flags, "--num-microbatches", "16", "--save", str(tmp_path / "b"),
+                               "--log-json", str(tmp_path / "b.jsonl"))
+    assert rc == 0, err[-3000:]
+    dist_rows, single_rows = ([json.loads(line) for line in (tmp_path / f"{x}.jsonl").read_text().splitlines()]
+                              for x in "ab")
+    from moelib import TrainConfig
+    from moelib.train.schedules import Schedules, schedule_for_run
+
+    cfg = schedule_for_run(TrainConfig(seq_length=32, micro_batch_size=1, train_iters=6, lr_warmup_iters=2), 16,
+                           rampup=(8, 4, 40))
+    schedules = Schedules(cfg)
+    expected = [schedules.step() for _ in range(6)]
+    assert [r["batch_size"] for r in dist_rows] == [v.batch_size for v in expected] == [8, 8, 8, 12, 12, 16]
+    for rows in (dist_rows, single_rows):
+        assert [r["lr"] for r in rows] == [v.lr for v in expected]
+        assert [r["mtp_weight"] for r in rows] == [v.mtp_weight for v in expected]
+        assert [r["bias_update_speed"] for r in rows] == [v.bias_update_speed for v in expected]
+    for a, b in zip(dist_rows, single_rows):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), (a["loss"], b["loss"])
+
+
+@pytest.mark.dist
+def test_full_recompute_under_dualpipe_and_ep_gives_identical_losses(tmp_path):
+    """--recompute full reruns MoE layers (their all-to-alls too) inside DualPipe's overlapped backward;
+    the losses must not move by a bit."""
+    losses = {}
+    for mode in ("none", "full"):
+        rc, _, err = mpirun_recipe(4, "--precision", "fp32", "--seq-length", "32", "--micro-batch-size", "2",
+                                   "--train-iters", "3", "--pipeline-model-parallel-size", "2",
+                                   "--expert-model-parallel-size", "2", "--recompute", mode, "--log-interval", "1",
+                                   "--save", str(tmp_path / mode), "--log-json", str(tmp_path / f"{mode}.jsonl"))
+        assert rc == 0, err[-3000:]
+        losses[mode] = [json.loads(line)["loss"] for line in (tmp_path / f"{mode}.jsonl").read_text().splitlines()]
+    assert len(losses["none"]) == 3 and losses["full"] == losses["none"]

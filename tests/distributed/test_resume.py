@@ -31,7 +31,9 @@ def losses(path) -> list[float]:
 ])
 def test_stop_and_resume_gives_identical_losses(tmp_path, ranks, layout):
     recipe(ranks, *layout, "--train-iters", "4", "--save", str(tmp_path / "a"), "--log-json", str(tmp_path / "a.jsonl"))
-    recipe(ranks, *layout, "--train-iters", "2", "--save", str(tmp_path / "b"), "--log-json", str(tmp_path / "b.jsonl"))
+    # Stopped by --exit-interval: the schedules still span the 4 steps (they scale with --train-iters).
+    recipe(ranks, *layout, "--train-iters", "4", "--exit-interval", "2", "--save", str(tmp_path / "b"),
+           "--log-json", str(tmp_path / "b.jsonl"))
     recipe(ranks, *layout, "--train-iters", "4", "--save", str(tmp_path / "b"), "--load", str(tmp_path / "b"),
            "--log-json", str(tmp_path / "b.jsonl"))
     assert losses(tmp_path / "b.jsonl") == losses(tmp_path / "a.jsonl")
@@ -44,7 +46,7 @@ def test_checkpoint_loads_under_another_layout(tmp_path):
     continued losses follow the uninterrupted run's to fp32 reduction-order noise (same global batch: 16)."""
     layout = ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2"]
     recipe(4, *layout, "--train-iters", "4", "--save", str(tmp_path / "a"), "--log-json", str(tmp_path / "a.jsonl"))
-    recipe(4, *layout, "--train-iters", "2", "--save", str(tmp_path / "b"))
+    recipe(4, *layout, "--train-iters", "4", "--exit-interval", "2", "--save", str(tmp_path / "b"))
     recipe(2, "--expert-model-parallel-size", "2", "--num-microbatches", "4", "--train-iters", "4",
            "--load", str(tmp_path / "b"), "--save", str(tmp_path / "c"), "--log-json", str(tmp_path / "c.jsonl"))
     reference, continued = losses(tmp_path / "a.jsonl")[2:], losses(tmp_path / "c.jsonl")

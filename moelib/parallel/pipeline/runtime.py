@@ -52,10 +52,15 @@ class PipelineRuntime:
         self.schedule, self.rank, self.stages, self.pp_ranks = schedule, pp_rank, stages, pp_ranks
         self.autocast, self.mtp_weight, self.record = autocast, mtp_weight, record
         self.p2p = P2P(activation_shape, dtype, device)
-        self.program = schedule.programs[pp_rank]
-        self.plan = schedule.recv_plan(pp_rank)
+        self.set_schedule(schedule)
         # Runs the backward all-to-alls of F&B ops while this thread computes the other micro-batch.
         self._comm_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moelib-a2a-bwd")
+
+    def set_schedule(self, schedule: Schedule) -> None:
+        """Run the following steps with ``schedule`` (same pipeline, e.g. another micro-batch count)."""
+        self.schedule = schedule
+        self.program = schedule.programs[self.rank]
+        self.plan = schedule.recv_plan(self.rank)
 
     # -- messages -----------------------------------------------------------------------------------
 
