@@ -26,6 +26,9 @@ from moelib.errors import CheckpointError
 
 MANIFEST = "manifest.json"
 FORMAT = "moelib-checkpoint-1"
+# Fault injection for the crash test: "STEP:SECONDS" stalls the save of STEP after its shards are written
+# and before its manifest and rename, so a test can kill the job mid-write at a known point.
+STALL_ENV = "MOELIB_TEST_CHECKPOINT_STALL"
 
 
 def step_dir(root: str | os.PathLike, step: int) -> Path:
@@ -63,6 +66,7 @@ def save_checkpoint(root: str | os.PathLike, state: dict[str, torch.Tensor], cfg
         dist.barrier()
     if mine:
         save_file(mine, str(tmp / shard), metadata={"format": "pt"})
+    _maybe_stall(step)
     if distributed:
         dist.barrier()
     if rank == 0:
@@ -78,6 +82,14 @@ def save_checkpoint(root: str | os.PathLike, state: dict[str, torch.Tensor], cfg
     if distributed:
         dist.barrier()
     return final
+
+
+def _maybe_stall(step: int) -> None:
+    spec = os.environ.get(STALL_ENV)
+    if spec and int(spec.split(":")[0]) == step:
+        import time
+
+        time.sleep(float(spec.split(":")[1]))
 
 
 def resolve(path: str | os.PathLike) -> Path:

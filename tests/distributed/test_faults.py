@@ -88,3 +88,36 @@ def test_sigterm_on_one_rank_stops_every_rank(tmp_path):
     os.kill(max(ranks), signal.SIGTERM)  # one rank only
     assert proc.wait(timeout=120) == 0, log.read_text()[-2000:]
     assert CheckpointReader(save).manifest["step"] >= 2
+
+
+@pytest.mark.dist
+def test_job_killed_during_checkpoint_write_keeps_the_previous_one(tmp_path):
+    """SIGKILL every rank while step 4's shards are on disk but its manifest is not: ``latest`` still names
+    step 2, which loads, and --load resumes from it and finishes the run."""
+    from moelib.train.checkpoint import STALL_ENV
+
+    save = tmp_path / "ckpt"
+    args = ["--precision", "fp32", "--seq-length", "32", "--micro-batch-size", "2", "--train-iters", "6",
+            "--save-interval", "2", "--log-interval", "1", "--save", str(save)]
+    cmd = [require_mpirun(), "--allow-run-as-root", "--oversubscribe", "-n", "2", sys.executable, RECIPE, *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=worker_env({STALL_ENV: "4:300"}), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    partial = save / ".iter_0000004.tmp"
+    try:
+        deadline = time.monotonic() + 240
+        while not list(partial.glob("*.safetensors")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert list(partial.glob("*.safetensors")), "the save of step 4 never started"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert (save / "latest").read_text().strip() == "iter_0000002"
+    assert not (save / "iter_0000004").exists()
+    reader = CheckpointReader(save)
+    assert reader.manifest["step"] == 2 and all(reader.get(k).numel() > 0 for k in reader.keys())
+    resume = [require_mpirun(), "--allow-run-as-root", "--oversubscribe", "-n", "2", sys.executable, RECIPE,
+              *args, "--load", str(save)]
+    done = subprocess.run(resume, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout and "at step 2" in done.stdout
+    assert (save / "latest").read_text().strip() == "iter_0000006" and not partial.exists()
