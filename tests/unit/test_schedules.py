@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moelib import TrainConfig
 from moelib.errors import ConfigError
 from moelib.train.schedules import (
     V3_WARMUP_STEPS,
@@ -244,3 +245,55 @@ def test_bad_dicts_and_states_name_the_field(cfg):
         Schedules(cfg, {"consumed_tokens": -4, "consumed_samples": 0})
     with pytest.raises(ConfigError, match="ScheduleState.step:"):
         Schedules(cfg, {"consumed_tokens": 0, "consumed_samples": 0, "step": 3})
+
+
+# -- schedule_for_run: what the recipe derives from its TrainConfig ----------------------------------------------
+
+def test_v3_recipe_yaml_gives_v3_schedules_exactly():
+    from pathlib import Path
+
+    from moelib.config import RecipeConfig
+    from moelib.train.schedules import schedule_for_run
+
+    run = RecipeConfig.from_yaml(Path(__file__).parents[2] / "recipes" / "configs" / "v3-671b.yaml")
+    cfg = schedule_for_run(run.train, 15360, overrides=run.schedule)
+    assert cfg == ScheduleConfig.v3(batch_granularity=256)
+    # train_iters is the number of steps that consume the 14.8T tokens
+    assert tokens_for_steps(run.train.train_iters - 1, cfg) < 14_800 * 10**9 <= tokens_for_steps(
+        run.train.train_iters, cfg)
+
+
+def test_schedule_for_run_spans_train_iters():
+    from moelib.train.schedules import schedule_for_run
+
+    train = TrainConfig(seq_length=64, train_iters=100, lr=1e-3, min_lr=1e-4, lr_warmup_iters=10,
+                        mtp_loss_weight=0.3, bias_update_speed=1e-3)
+    s = Schedules(schedule_for_run(train, 16))
+    values = [s.step() for _ in range(100)]
+    assert {v.batch_size for v in values} == {16}
+    assert values[9].lr == 1e-3 and values[0].lr == 1e-4  # warm-up over exactly 10 steps
+    assert values[-1].lr == pytest.approx(1e-4 * 7.3e-6 / 2.2e-5) and values[-1].bias_update_speed == 0
+    assert values[0].mtp_weight == 0.3 and values[-1].mtp_weight == pytest.approx(0.1)
+
+
+def test_schedule_for_run_warmup_longer_than_the_constant_phase():
+    from moelib.train.schedules import schedule_for_run
+
+    train = TrainConfig(seq_length=64, train_iters=4, lr=1e-3, min_lr=1e-4, lr_warmup_iters=30)
+    s = Schedules(schedule_for_run(train, 8))
+    assert [v.lr for v in (s.step() for _ in range(4))] == pytest.approx([1e-3 * k / 30 for k in (1, 2, 3, 4)])
+
+
+def test_schedule_for_run_ramp_and_bad_input():
+    from moelib.train.schedules import schedule_for_run
+
+    train = TrainConfig(seq_length=10, train_iters=20, lr_warmup_iters=2)
+    s = Schedules(schedule_for_run(train, 16, rampup=(4, 4, 60)))
+    sizes = [s.step().batch_size for _ in range(20)]
+    assert sizes[0] == 4 and sizes[-1] == 16 and sizes == sorted(sizes) and set(sizes) <= {4, 8, 12, 16}
+    with pytest.raises(ConfigError, match="rampup_batch_size.start: must lie in"):
+        schedule_for_run(train, 16, rampup=(32, 4, 60))
+    with pytest.raises(ConfigError, match="schedule.lr_peak: not a ScheduleConfig field"):
+        schedule_for_run(train, 16, overrides={"lr_peak": 1.0})
+    with pytest.raises(ConfigError, match="ScheduleConfig.batch_start"):
+        schedule_for_run(train, 16, rampup=(6, 4, 60))  # 6 is off the grid of increment 4
