@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -109,6 +110,7 @@ def _convert(r) -> list[tuple]:
 def plan() -> list[tuple[str, str, list[str], object]]:
     """(command, label, argv, headline extractor): argv chosen for ~15 minutes in total on 2 idle cores."""
     steps = [
+        ("balance", "tiny", [], _balance),
         ("train-step", "small-fp32", ["--vs-hf", "--preset", "small", "--dtype", "fp32", "--steps", "4",
                                       "--warmup", "1"], _train_step),
         ("train-step", "small-bf16", ["--vs-hf", "--preset", "small", "--dtype", "bf16", "--steps", "4",
@@ -117,7 +119,6 @@ def plan() -> list[tuple[str, str, list[str], object]]:
         ("fp8-vs-bf16", "lr1e-3", ["--lr", "1e-3", "--steps", "100", "--last", "25"], _fp8_vs_bf16),
         ("pipeline", "", [], _pipeline),
         ("memory", "tiny", ["--presets", "tiny", "--time-reps", "1"], _memory),
-        ("balance", "tiny", [], _balance),
     ]
     if (HERE / "convert.py").exists():
         steps.append(("convert", "", ["--size-gb", "0.5", "--max-shard-size", "200MB"], _convert))
@@ -131,12 +132,17 @@ def add_args(p) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
 
 
-def run_one(cmd: str, argv: list[str], out: Path) -> tuple[int, float]:
+def run_one(cmd: str, argv: list[str], out: Path) -> tuple[int, float, float]:
+    """Exit status, wall seconds and CPU seconds (user + system of the child and its children: on a shared
+    machine wall time depends on the neighbours, CPU time much less)."""
     full = [sys.executable, str(ROOT / "tools" / "bench.py"), cmd, "--out", str(out), *argv]
     print(f"\n$ python tools/bench.py {cmd} {' '.join(argv)}", flush=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     rc = subprocess.run(full, cwd=ROOT).returncode
-    return rc, time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return rc, time.perf_counter() - start, cpu
 
 
 def run(args) -> dict:
@@ -150,9 +156,9 @@ def run(args) -> dict:
         if args.dry_run:
             print(f"python tools/bench.py {cmd} --out {out.relative_to(ROOT)} {' '.join(argv)}")
             continue
-        rc, seconds = run_one(cmd, argv, out)
+        rc, seconds, cpu = run_one(cmd, argv, out)
         runs[key] = {"command": f"python tools/bench.py {cmd} {' '.join(argv)}".strip(), "returncode": rc,
-                     "seconds": seconds, "result": str(out.relative_to(ROOT))}
+                     "seconds": seconds, "cpu_seconds": cpu, "result": str(out.relative_to(ROOT))}
         if rc != 0 or not out.exists():
             rows.append({"bench": key, "headline": f"FAILED (exit {rc})", "value": None, "target": "", "met": False})
             continue
@@ -161,7 +167,7 @@ def run(args) -> dict:
     total = time.perf_counter() - start
     if not args.dry_run:
         print_table(rows, runs, total)
-    return {"wall_s": total, "runs": runs, "headlines": rows,
+    return {"wall_s": total, "cpu_s": sum(r["cpu_seconds"] for r in runs.values()), "runs": runs, "headlines": rows,
             "kernels": "full (GPU)" if torch.cuda.is_available() else "smoke only (no GPU)"}
 
 
@@ -171,5 +177,6 @@ def print_table(rows: list[dict], runs: dict, total: float) -> None:
         v = r["value"]
         shown = f"{v:10.4g}" if isinstance(v, float) else f"{str(v):>10}"
         print(f"{r['bench']:<22} {r['headline'][:58]:<58} {shown} {r['target']:>19} {str(r['met']):>5}")
-    print("\n" + "  ".join(f"{k} {v['seconds']:.0f}s" for k, v in runs.items()))
-    print(f"total wall time {total:.0f} s ({total / 60:.1f} min)")
+    print("\n" + "  ".join(f"{k} {v['seconds']:.0f}s ({v['cpu_seconds']:.0f} CPU-s)" for k, v in runs.items()))
+    cpu = sum(v["cpu_seconds"] for v in runs.values())
+    print(f"total wall time {total:.0f} s ({total / 60:.1f} min), CPU time {cpu:.0f} s")
