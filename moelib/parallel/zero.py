@@ -12,11 +12,14 @@ parameters, applies torch.optim.AdamW's update (decoupled weight decay; no decay
 moelib.train.optimizer.param_groups), and all-gathers the updated slices so every replica holds the same
 parameters. No flat copy of the whole gradient is made; the all-gather needs one flat buffer per bucket
 for a moment. The fp32 master weights are the model's own (fp32) parameters.
+
+The moments are stored in ``moment_dtype`` (fp32, or bf16 as in V3); the arithmetic is
+moelib.train.optimizer.adamw_update_, the single-process optimizer's, so bf16 moments round identically
+whatever the layout (see that module for when the rounding happens and why).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +28,7 @@ import torch.distributed as dist
 from moelib.errors import CheckpointError
 from moelib.model.moe import GroupedExperts
 from moelib.parallel.grad_sync import GradSync
+from moelib.train.optimizer import adamw_update_, moment_dtype_of
 
 # torch 2.13 renamed all_gather_into_tensor (and deprecated the old name); moelib supports torch >= 2.6.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -42,6 +46,7 @@ class _Bucket:
     lo: int = 0                             # this rank's slice [lo, lo + S)
     exp_avg: torch.Tensor | None = None
     exp_avg_sq: torch.Tensor | None = None
+    moment_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
         sizes = [c[0].numel() for c in self.copies]
@@ -51,12 +56,12 @@ class _Bucket:
         self.shard = -(-self.numel // size)
         self.lo = rank * self.shard
         device = self.copies[0][0].device
-        self.exp_avg = torch.zeros(self.shard, device=device)
-        self.exp_avg_sq = torch.zeros(self.shard, device=device)
+        self.exp_avg = torch.zeros(self.shard, device=device, dtype=self.moment_dtype)
+        self.exp_avg_sq = torch.zeros(self.shard, device=device, dtype=self.moment_dtype)
 
     def read_slice(self, tensors: list[torch.Tensor], lo: int, length: int) -> torch.Tensor:
         """[lo, lo + length) of the flat concatenation of ``tensors`` (zeros past the end)."""
-        out = torch.zeros(length, device=self.exp_avg.device)
+        out = torch.zeros(length, device=self.exp_avg.device, dtype=torch.float32)
         for t, off in zip(tensors, self.offsets):
             a, b = max(lo, off), min(lo + length, off + t.numel())
             if a < b:
@@ -70,7 +75,7 @@ class _Bucket:
                     p.copy_(flat[off: off + p.numel()].view_as(p))
 
     def gather(self, shard: torch.Tensor) -> torch.Tensor:
-        full = torch.empty(self.shard * dist.get_world_size(self.group), device=shard.device)
+        full = torch.empty(self.shard * dist.get_world_size(self.group), device=shard.device, dtype=shard.dtype)
         _all_gather(full, shard.contiguous(), group=self.group)
         return full
 
@@ -86,8 +91,9 @@ class ZeroAdamW:
     """
 
     def __init__(self, sync: GradSync, lr: float, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, moment_dtype: str | torch.dtype = torch.float32):
         self.sync = sync
+        self.moment_dtype = moment_dtype_of(moment_dtype)
         hyper = dict(lr=lr, betas=tuple(betas), eps=eps)
         self.param_groups = [dict(hyper, weight_decay=weight_decay, params=[]),
                              dict(hyper, weight_decay=0.0, params=[])]
@@ -105,7 +111,8 @@ class ZeroAdamW:
                         raise TypeError(f"ZeroAdamW keeps fp32 master weights in the parameters; {n} is "
                                         f"{sync.params[n][0].dtype}")
                 hyper_group["params"].extend(sync.params[n][0] for n in chosen)
-                self.buckets.append(_Bucket(chosen, [sync.params[n] for n in chosen], group, hyper_group))
+                self.buckets.append(_Bucket(chosen, [sync.params[n] for n in chosen], group, hyper_group,
+                                            moment_dtype=self.moment_dtype))
 
     # -- the update -------------------------------------------------------------------------------------
 
@@ -119,13 +126,7 @@ class ZeroAdamW:
             g = b.read_slice(grads, b.lo, b.shard)
             p = b.read_slice([c[0] for c in b.copies], b.lo, b.shard)
             # torch.optim.AdamW's single-tensor update, op for op, so the results agree to the last bit.
-            if wd != 0:
-                p.mul_(1 - lr * wd)
-            b.exp_avg.lerp_(g, 1 - beta1)
-            b.exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            step_size = lr / (1 - beta1 ** t)
-            denom = (b.exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
-            p.addcdiv_(b.exp_avg, denom, value=-step_size)
+            adamw_update_(p, g, b.exp_avg, b.exp_avg_sq, t, lr, beta1, beta2, eps, wd)
             b.write_full(b.gather(p))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -151,7 +152,8 @@ class ZeroAdamW:
         the parameter (per expert for routed experts: ``layers.3.mlp.experts.17.up_proj.weight``), so a
         checkpoint written with one PP/EP/DP layout loads into another. Each rank returns only the keys it
         is responsible for (GradSync.counted_here): the union over all ranks is the whole state, with no
-        key twice. Moments are fp32; the master weights are the model parameters, saved with the model.
+        key twice. Moments keep their stored dtype (bf16 moments are saved as bf16); the master weights are the
+        model parameters, saved with the model.
         """
         state: dict[str, dict[str, torch.Tensor]] = {}
         for b in self.buckets:
@@ -168,12 +170,14 @@ class ZeroAdamW:
 
     def load_state_dict(self, sd: dict) -> None:
         """Load a state written by ``state_dict`` (the union over the writing ranks, any layout). Each rank
-        takes its own slices; every key its parameters need must be present."""
+        takes its own slices; every key its parameters need must be present. Moments saved in another dtype
+        than this optimizer's ``moment_dtype`` are converted (rounded to nearest even into bf16)."""
         self.step_count = int(sd["step"])
         for mine, saved in zip(self.param_groups, sd["param_groups"]):
             mine.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()})
         for b in self.buckets:
-            full_m = torch.zeros(b.shard * dist.get_world_size(b.group), device=b.exp_avg.device)
+            full_m = torch.zeros(b.shard * dist.get_world_size(b.group), device=b.exp_avg.device,
+                                 dtype=b.exp_avg.dtype)
             full_v = torch.zeros_like(full_m)
             for name, copies, off in zip(b.names, b.copies, b.offsets):
                 shape, n = copies[0].shape, copies[0].numel()
@@ -196,10 +200,10 @@ class ZeroAdamW:
             return {name: (m, v)}
         module, prefix, attr = self.sync.expert_modules[name]
         return {key: (m_view, v_view) for (key, m_view), (_, v_view)
-                in zip(_expert_views(module, prefix, attr, m), _expert_views(module, prefix, attr, v))}
+                in zip(expert_views(module, prefix, attr, m), expert_views(module, prefix, attr, v))}
 
 
-def _expert_views(module: GroupedExperts, prefix: str, attr: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+def expert_views(module: GroupedExperts, prefix: str, attr: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """Per-expert views of a stacked expert tensor under the model's state-dict keys (see GroupedExperts)."""
     out = []
     for e in range(module.num_experts):

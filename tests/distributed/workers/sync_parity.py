@@ -1,11 +1,11 @@
 """mpirun worker: gradient sync + global clipping + ZeRO-1 + router-bias sync equal single-process training.
 
-    sync_parity.py [train PP:EP:SCHEDULE[,...]] [zero PP:EP[,...]]
+    sync_parity.py [train PP:EP:SCHEDULE[,...]] [zero PP:EP[:MOMENTS][,...]]
 
 ``train``: several steps of the tiny model vs moelib's single-process Trainer (gradients of the first
 step, losses, global gradient norms, parameters, router biases, optimizer memory). ``zero``: ZeRO-1 vs
 torch.optim.AdamW on identical gradients, resuming the last step from a state_dict written at another
-layout.
+layout; with MOMENTS "bf16", both keep bf16 moments (the reference is moelib's single-process AdamW).
 
 Rank 0 computes the reference from the same seed and broadcasts it. Pipelines are simulated without a
 schedule, so only the reduction is under test: with "1f1b" every rank runs the whole model on its data
@@ -29,7 +29,7 @@ from moelib.model.transformer import build_model
 from moelib.parallel.grad_sync import GradSync
 from moelib.parallel.mesh import Mesh
 from moelib.parallel.zero import ZeroAdamW
-from moelib.train.optimizer import param_groups
+from moelib.train.optimizer import AdamW, param_groups
 from moelib.train.schedules import lr_at
 from moelib.train.trainer import Trainer
 
@@ -154,12 +154,12 @@ def fake_grads(model: torch.nn.Module, step: int) -> dict[str, torch.Tensor]:
     return {n: torch.randn(p.shape, generator=g) * (1 + i % 3) for i, (n, p) in enumerate(model.named_parameters())}
 
 
-def sharded_stage(base, mesh: Mesh, ep: int):
+def sharded_stage(base, mesh: Mesh, ep: int, moments: str):
     model = copy.deepcopy(base)
     shard_for_test(model, mesh.ep_group, mesh.ep_rank, ep)
     stage = stage_view(model, mesh.pp_rank, mesh.pp) if mesh.pp > 1 else model
     sync = GradSync(mesh, stage)
-    return stage, sync, ZeroAdamW(sync, LRS[0], BETAS, EPS, WD)
+    return stage, sync, ZeroAdamW(sync, LRS[0], BETAS, EPS, WD, moment_dtype=moments)
 
 
 def zero_step(sync: GradSync, opt: ZeroAdamW, grads: dict, step: int) -> None:
@@ -179,14 +179,15 @@ def union(d: dict) -> dict:
     return {k: v for part in parts for k, v in part.items()}
 
 
-def check_zero(pp: int, ep: int) -> None:
+def check_zero(pp: int, ep: int, moments: str = "fp32") -> None:
     """ZeRO-1 at layout (pp, ep) for two steps, checkpoint, one more step at layout (1, world) vs AdamW."""
     cfg = tiny_cfg()
     base = build_model(cfg, "fp32", seed=SEED)
     ref = copy.deepcopy(base)
-    ref_opt = torch.optim.AdamW(param_groups(ref, WD), lr=LRS[0], betas=BETAS, eps=EPS)
+    ref_opt = torch.optim.AdamW(param_groups(ref, WD), lr=LRS[0], betas=BETAS, eps=EPS) if moments == "fp32" \
+        else AdamW(param_groups(ref, WD), lr=LRS[0], betas=BETAS, eps=EPS, moment_dtype=moments)
     mesh = Mesh(ParallelConfig(pp, ep), cfg)
-    stage, sync, opt = sharded_stage(base, mesh, ep)
+    stage, sync, opt = sharded_stage(base, mesh, ep, moments)
     full_bytes = 8 * sum(dict(base.named_parameters())[n].numel() for n in sync.names)
     mem = opt.state_bytes() * mesh.dp / full_bytes
     errs = []
@@ -200,15 +201,26 @@ def check_zero(pp: int, ep: int) -> None:
         if step == STEPS - 1:  # resume from a layout-free checkpoint at another layout
             model_sd, opt_sd = union(stage.state_dict()), opt.state_dict()
             opt_sd["state"] = union(opt_sd["state"])
+            saved_dtypes = sorted({str(t.dtype) for entry in opt_sd["state"].values() for t in entry.values()})
             mesh = Mesh(ParallelConfig(1, mesh.world_size), cfg)
-            stage, sync, opt = sharded_stage(base, mesh, mesh.world_size)
+            stage, sync, opt = sharded_stage(base, mesh, mesh.world_size, moments)
             stage.load_state_dict(model_sd, strict=False)
             opt.load_state_dict(opt_sd)
         zero_step(sync, opt, grads, step)
         ref_sd = ref.state_dict()
         errs.append(world_max(max(rel(v, ref_sd[k]) for k, v in stage.state_dict().items())))
-    result(check="zero", layout=f"{pp}:{ep}", dp=dist.get_world_size() // pp, step_errs=errs,
-           mem_x_dp=world_max(mem))
+    # Moments too: ZeRO's state dict per tensor name against the reference's state per parameter.
+    mine = union(opt.state_dict()["state"])
+    ref_state = {n: ref_opt.state[p] for n, p in ref.named_parameters()}
+    moment_err = 0.0
+    for name in sync.names:
+        for kind in ("exp_avg", "exp_avg_sq"):
+            held = expert_slice(sync, name, ref_state[name][kind])
+            views = opt._keyed(name, held, held)
+            moment_err = max(moment_err, *(rel(mine[k][kind], m) for k, (m, _) in views.items()))
+    layout = f"{pp}:{ep}" + (f":{moments}" if moments != "fp32" else "")
+    result(check="zero", layout=layout, dp=dist.get_world_size() // pp, step_errs=errs,
+           mem_x_dp=world_max(mem), moment_err=world_max(moment_err), saved_dtypes=saved_dtypes)
 
 
 def run(_env) -> None:
@@ -219,7 +231,7 @@ def run(_env) -> None:
             if kind == "train":
                 check_train(int(layout[0]), int(layout[1]), layout[2], refs)
             else:
-                check_zero(int(layout[0]), int(layout[1]))
+                check_zero(int(layout[0]), int(layout[1]), *layout[2:])
 
 
 if __name__ == "__main__":
