@@ -256,9 +256,9 @@ def staged(final: Path, overwrite: bool):
 
 def parse_size(text: str) -> int:
     """'5GB' -> 5e9 bytes, '512MiB' -> 512 * 2**20 (the units of transformers' max_shard_size)."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
-    if m is None:
-        raise ConfigError(f"--max-shard-size: {text!r} is not a size such as 5GB or 512MiB")
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
+    if m is None or float(m.group(1)) <= 0:
+        raise ConfigError(f"--max-shard-size: {text!r} is not a positive size such as 5GB or 512MiB")
     unit = (m.group(2) or "B").upper()
     power = "BKMGT".index(unit[0]) if unit != "B" else 0
     return int(float(m.group(1)) * (1024 if "I" in unit else 1000) ** power)
@@ -275,7 +275,7 @@ def _copy_tokenizer(dirs: Iterable[Path], out: Path) -> list[str]:
     return copied
 
 
-def _expected(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """moelib tensor name -> shape of the full model (built on the meta device: no memory)."""
     from moelib.model.transformer import build_model
 
@@ -309,7 +309,7 @@ def open_moelib(path: str | os.PathLike, ema: bool = False) -> tuple[CheckpointR
     if ema and not any(k.startswith("ema.") for k in reader.weight_map):
         raise CheckpointError(f"{manifest}: --ema asked for, but the checkpoint holds no ema.* tensors")
     source = {}
-    for name, shape in _expected(cfg).items():
+    for name, shape in expected_shapes(cfg).items():
         stored = f"ema.{name}" if ema and f"ema.{name}" in shards else name
         if stored not in shards:
             raise CheckpointError(f"{manifest}: tensor {stored} is missing from the checkpoint")
@@ -385,7 +385,7 @@ def open_hf(path: str | os.PathLike) -> tuple[ModelConfig, Shards, list[Unit]]:
     else:
         raise CheckpointError(f"{root}: neither {INDEX} nor model.safetensors is there")
     shards = Shards(root, weight_map, index_name)
-    expected = _expected(cfg)
+    expected = expected_shapes(cfg)
     wanted = {to_hf_name(name, cfg): name for name in expected}
     known = set(wanted) | set(mtp_shared_copies(cfg)) | {f"{n}_scale_inv" for n in wanted}
     for hf in weight_map:

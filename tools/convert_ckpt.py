@@ -17,6 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moelib.convert import EXPORT_DTYPES, export_hf, import_hf, parse_size  # noqa: E402
@@ -40,11 +42,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         s.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
         s.add_argument("--overwrite", action="store_true", help="replace --save if it exists and is not empty")
         s.add_argument("--no-progress", action="store_true", help="no progress bar")
+        s.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # The work is per-tensor casts and quantisation between reads and writes; on busy cores OpenMP's
+    # barriers made 2 threads 5-15x slower than 1 (see BENCHMARKS.md), so one thread is the default.
+    torch.set_num_threads(max(1, args.threads))
     size = parse_size(args.max_shard_size)
     if args.command == "export":
         out = export_hf(args.load, args.save, args.dtype, args.ema, size, args.overwrite, not args.no_progress)

@@ -150,5 +150,6 @@ def test_existing_output_needs_overwrite(dirs):
 
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size("100") == 100
-    with pytest.raises(ConfigError, match="--max-shard-size"):
-        parse_size("lots")
+    for bad in ("lots", "1.2.3GB", "0"):
+        with pytest.raises(ConfigError, match="--max-shard-size"):
+            parse_size(bad)
