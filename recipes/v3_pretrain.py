@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr-warmup-iters", type=int)
     p.add_argument("--precision", choices=PRECISION_BACKENDS)
     p.add_argument("--seed", type=int)
+    p.add_argument("--moment-dtype", choices=("fp32", "bf16"), help="AdamW moment storage (V3: bf16)")
+    p.add_argument("--ema-decay", type=float, help="keep an EMA of the parameters in host memory (0: off)")
     p.add_argument("--recompute", choices=("none", "selective", "full"),
                    help="activation recomputation: selective = V3's RMSNorm, MLA up-projections, SwiGLU")
     p.add_argument("--pipeline-model-parallel-size", type=int)
@@ -85,7 +87,7 @@ def load_config(args) -> RecipeConfig:
     train = {"micro_batch_size": args.micro_batch_size, "seq_length": args.seq_length,
              "train_iters": args.train_iters, "lr": args.lr, "min_lr": args.min_lr,
              "lr_warmup_iters": args.lr_warmup_iters, "seed": args.seed, "log_interval": args.log_interval,
-             "recompute": args.recompute,
+             "recompute": args.recompute, "moment_dtype": args.moment_dtype, "ema_decay": args.ema_decay,
              "precision": {"backend": args.precision} if args.precision else None}
     parallel = {"pipeline_model_parallel_size": args.pipeline_model_parallel_size,
                 "expert_model_parallel_size": args.expert_model_parallel_size,

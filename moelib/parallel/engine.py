@@ -26,6 +26,8 @@ from moelib.parallel.pipeline.runtime import PipelineRuntime
 from moelib.parallel.pipeline.schedule import build_schedule
 from moelib.parallel.pipeline.stage import PipelineStage, build_stage, split_layers
 from moelib.parallel.zero import ZeroAdamW
+from moelib.train.ema import ParameterEMA
+from moelib.train.optimizer import moment_dtype_of
 from moelib.train.schedules import lr_at
 
 
@@ -72,7 +74,8 @@ class ParallelTrainer:
         stages = {c: PipelineStage(m, specs[stage_ids[c]], embedding=embedding) for c, m in self.models.items()}
         self.sync = GradSync(mesh, list(self.models.values()))
         self.optimizer = ZeroAdamW(self.sync, cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps,
-                                   cfg.weight_decay)
+                                   cfg.weight_decay, moment_dtype=moment_dtype_of(cfg.moment_dtype))
+        self.ema = self._new_ema()
         backend = next(iter(self.models.values())).backend
         pp_ranks = [mesh.global_rank(p) for p in range(par.pp)]
         shape = (cfg.micro_batch_size, cfg.seq_length, model_cfg.hidden_size)
@@ -81,6 +84,11 @@ class ParallelTrainer:
                                        mtp_weight=cfg.mtp_loss_weight, record=record_timeline)
         self.step = 0
         self._schedules = {par.microbatches: schedule}
+
+    def _new_ema(self) -> ParameterEMA | None:
+        if self.cfg.ema_decay <= 0:
+            return None
+        return ParameterEMA(self.sync.params, self.cfg.ema_decay, expert_modules=self.sync.expert_modules)
 
     def set_microbatches(self, m: int) -> None:
         """Run the next steps with ``m`` micro-batches per DP rank (a batch-size ramp changes it)."""
@@ -145,6 +153,8 @@ class ParallelTrainer:
             self.optimizer.zero_grad()
             counts = self.sync.update_router_biases(gamma)
             self.step += 1
+            if self.ema is not None:
+                self.ema.update(self.step)  # returns at once; the average is folded in the background
             vio = sum(max_violation(c) for c in counts.values())
             n_layers = torch.tensor([float(len(counts)), vio], dtype=torch.float64)
             dist.all_reduce(n_layers, group=self.mesh.pp_group)  # each MoE layer lives on one pipeline rank
@@ -175,6 +185,9 @@ class ParallelTrainer:
         tensors[f"rng.torch.rank{self.env.rank}"] = torch.random.get_rng_state()
         meta = {"step": self.step, "optimizer": {"step": opt["step"], "param_groups": opt["param_groups"]},
                 "layout": self.mesh.describe()}
+        if self.ema is not None:
+            tensors.update(self.ema.state_dict())
+            meta["ema"] = {"decay": self.ema.decay, "step": self.ema.step}
         return tensors, meta
 
     def load_checkpoint(self, reader) -> None:
@@ -192,6 +205,12 @@ class ParallelTrainer:
                         raise CheckpointError(f"{reader.path}: tensor {k} has shape {tuple(t.shape)}, this model "
                                               f"expects {tuple(own[k].shape)}")
                 model.load_state_dict(loaded)
+        if self.ema is not None:
+            keys = self.ema.keys()
+            if any(k in reader.weight_map for k in keys):
+                self.ema.load_state_dict({k: reader.get(k) for k in keys})
+            else:  # a checkpoint written without EMA: start averaging from the loaded weights
+                self.ema = self._new_ema()
         if "train" not in reader.manifest:
             return
         meta = reader.manifest["train"]

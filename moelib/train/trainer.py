@@ -12,6 +12,7 @@ import torch
 from moelib.config import ModelConfig, TrainConfig
 from moelib.model.recompute import apply_recompute
 from moelib.model.transformer import Transformer, build_model
+from moelib.train.ema import ParameterEMA
 from moelib.train.metrics import LoadStats, collect_load
 from moelib.train.optimizer import build_optimizer
 from moelib.train.schedules import lr_at
@@ -38,6 +39,7 @@ class Trainer:
         self.model.to(self.device)
         apply_recompute(self.model, cfg.recompute)
         self.optimizer = build_optimizer(self.model, cfg)
+        self.ema = ParameterEMA.from_modules(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.step = 0
         self.last_load: LoadStats | None = None
 
@@ -62,6 +64,8 @@ class Trainer:
                 moe.gate.update_bias(load.counts[name], cfg.bias_update_speed)
         self.last_load = load
         self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.step)
         aux = sum(float(m.last_aux_loss) for m in model.moe_layers().values())
         mtp = float(torch.stack(out.mtp_losses).detach().mean()) if out.mtp_losses else 0.0
         return StepResult(self.step, out.loss.item(), out.lm_loss.item(), mtp, aux, lr, float(grad_norm),

@@ -5,7 +5,10 @@ import json
 import sys
 
 import pytest
+import torch
 from _mpi import REPO, require_mpirun, run, worker_env
+
+from moelib.train.checkpoint import load_checkpoint  # noqa: E402
 
 RECIPE = str(REPO / "recipes" / "v3_pretrain.py")
 COMMON = ["--precision", "fp32", "--seq-length", "32", "--micro-batch-size", "2", "--log-interval", "1",
@@ -27,7 +30,9 @@ def losses(path) -> list[float]:
 @pytest.mark.dist
 @pytest.mark.parametrize("ranks, layout", [
     (1, []),
-    (4, ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2"]),
+    # V3's optimizer state (bf16 moments) and a parameter EMA must resume exactly too.
+    (4, ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2", "--moment-dtype", "bf16",
+         "--ema-decay", "0.9"]),
 ])
 def test_stop_and_resume_gives_identical_losses(tmp_path, ranks, layout):
     recipe(ranks, *layout, "--train-iters", "4", "--save", str(tmp_path / "a"), "--log-json", str(tmp_path / "a.jsonl"))
@@ -38,6 +43,13 @@ def test_stop_and_resume_gives_identical_losses(tmp_path, ranks, layout):
            "--log-json", str(tmp_path / "b.jsonl"))
     assert losses(tmp_path / "b.jsonl") == losses(tmp_path / "a.jsonl")
     assert len(losses(tmp_path / "a.jsonl")) == 4
+    (_, a), (manifest, b) = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
+    if "--ema-decay" in layout:
+        params = {k for k in a if not k.startswith(("optimizer.", "rng.", "ema.")) and "e_score" not in k}
+        assert {k.removeprefix("ema.") for k in a if k.startswith("ema.")} == params
+        assert manifest["train"]["ema"] == {"decay": 0.9, "step": 4}
+        assert a["optimizer.exp_avg.embed_tokens.weight"].dtype == torch.bfloat16
 
 
 @pytest.mark.dist
