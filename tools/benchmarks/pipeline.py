@@ -88,15 +88,17 @@ def run(args) -> dict:
     result = {"simulated": sim, "measured": {}}
     if args.no_run:
         return result
-    out_dir = ROOT / "benchmarks" / "results"
+    # The trace and timeline go next to the JSON result (--out moves both).
+    out_dir = Path(args.out).parent if args.out else ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for schedule in ("1f1b", "dualpipe"):
             m = measure(schedule, args, Path(tmp))
             for key in ("trace", "timeline"):  # keep the artefacts next to the results
-                target = out_dir / Path(m[key]).name
+                name = Path(m[key]).name
+                target = out_dir / (name.replace("pipeline", Path(args.out).stem, 1) if args.out else name)
                 target.write_bytes(Path(m[key]).read_bytes())
-                m[key] = str(target.relative_to(ROOT))
+                m[key] = str(target.relative_to(ROOT)) if target.is_relative_to(ROOT) else str(target)
             result["measured"][schedule] = m
     print(f"\nmeasured, {args.steps}th step of the tiny model, PP {args.pp} x EP {args.ep}, "
           f"{args.microbatches} micro-batches")
