@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moelib.precision import weight_cache
 from moelib.precision.linear import _weight_grad_or_defer
 
 
@@ -57,7 +58,7 @@ class _GroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, offs, dtype):
-        x_c, w_c = x.to(dtype), weight.to(dtype)
+        x_c, w_c = x.to(dtype), weight_cache.cast(weight, dtype)
         offsets = offs.tolist()
         ctx.save_for_backward(x_c, w_c, offs)
         ctx.offsets, ctx.weight, ctx.x_dtype = offsets, weight, x.dtype
@@ -105,7 +106,7 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, dtype):
-        x_c, w_c = x.to(dtype), weight.to(dtype)
+        x_c, w_c = x.to(dtype), weight_cache.cast(weight, dtype)
         ctx.save_for_backward(x_c, w_c)
         ctx.weight, ctx.x_dtype = weight, x.dtype
         return F.linear(x_c, w_c)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moelib.precision import fp8
+from moelib.precision import fp8, weight_cache
 from moelib.precision.telemetry import Fp8Telemetry
 
 TILE = fp8.TILE
@@ -191,7 +191,7 @@ class Fp8LinearFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             qx, sx = k.quantize(x2, ACT, pow2_scale=opts.pow2_x, name=f"{name} input")
             w = weight.detach()
-            qw, sw = k.quantize(w, WEIGHT, pow2_scale=opts.pow2_scales, name=f"{name} weight")
+            qw, sw = _quantized_weight(k, weight, opts.pow2_scales, name)
             y = k.fp8_gemm(qx, sx, qw, sw, out_dtype)
         sampled = telemetry is not None and telemetry.sample()
         if sampled:
@@ -212,7 +212,7 @@ class Fp8LinearFunction(torch.autograd.Function):
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
                 qg, sg = k.quantize(dy, ACT, pow2_scale=opts.pow2_scales, name=f"{name} output gradient")
-                qw, sw = k.quantize(weight.detach(), WEIGHT, pow2_scale=opts.pow2_scales, name=f"{name} weight")
+                qw, sw = _quantized_weight(k, weight, opts.pow2_scales, name)
                 # Wᵀ's 128×128 blocks are W's blocks transposed: pass the transposed views, no requantisation.
                 grad_x = k.fp8_gemm(qg, sg, qw.t(), sw.t(), ctx.x_dtype).view(ctx.x_shape)
                 if ctx.telemetry is not None:
@@ -243,6 +243,17 @@ def quantize_experts(k: Fp8Kernels, w: torch.Tensor, pow2: bool, name: str) -> t
     return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
 
 
+def _quantized_weight(k: Fp8Kernels, w: torch.Tensor, pow2: bool, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """w in 128×128 blocks, quantised once per optimizer step (moelib.precision.weight_cache)."""
+    return weight_cache.cached(w, ("fp8", k.name, pow2),
+                               lambda: k.quantize(w.detach(), WEIGHT, pow2_scale=pow2, name=f"{name} weight"))
+
+
+def _quantized_experts(k: Fp8Kernels, w: torch.Tensor, pow2: bool, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return weight_cache.cached(w, ("fp8", k.name, pow2),
+                               lambda: quantize_experts(k, w.detach(), pow2, f"{name} weight"))
+
+
 class Fp8GroupedLinearFunction(torch.autograd.Function):
     """Routed experts' y[rows of e] = x[rows of e]·weight[e]ᵀ, all three GEMMs in FP8.
 
@@ -257,7 +268,7 @@ class Fp8GroupedLinearFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             qx, sx = k.quantize(x, ACT, pow2_scale=opts.pow2_x, name=f"{name} input")
             w = weight.detach()
-            qw, sw = quantize_experts(k, w, opts.pow2_scales, f"{name} weight")
+            qw, sw = _quantized_experts(k, weight, opts.pow2_scales, name)
             y = k.fp8_grouped_gemm(qx, sx, qw, sw, counts, out_dtype)
         sampled = telemetry is not None and telemetry.sample()
         if sampled:
@@ -278,7 +289,7 @@ class Fp8GroupedLinearFunction(torch.autograd.Function):
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
                 qg, sg = k.quantize(dy, ACT, pow2_scale=opts.pow2_scales, name=f"{name} output gradient")
-                qw, sw = quantize_experts(k, weight.detach(), opts.pow2_scales, f"{name} weight")
+                qw, sw = _quantized_experts(k, weight, opts.pow2_scales, name)
                 grad_x = k.fp8_grouped_gemm(qg, sg, qw.transpose(1, 2), sw.transpose(1, 2), counts, ctx.x_dtype)
                 if ctx.telemetry is not None:
                     ctx.telemetry.record("grad", dy, qg, ACT)

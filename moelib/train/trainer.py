@@ -12,6 +12,7 @@ import torch
 from moelib.config import ModelConfig, TrainConfig
 from moelib.model.recompute import apply_recompute
 from moelib.model.transformer import Transformer, build_model
+from moelib.precision import weight_cache
 from moelib.train.ema import ParameterEMA
 from moelib.train.metrics import LoadStats, collect_load
 from moelib.train.optimizer import build_optimizer
@@ -51,9 +52,10 @@ class Trainer:
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with model.backend.autocast(self.device.type):
-            out = model.compute_loss(tokens, labels, cfg.mtp_loss_weight)
-        out.loss.backward()
+        with weight_cache.reuse():  # FP8 backward reuses the forward's quantised weights
+            with model.backend.autocast(self.device.type):
+                out = model.compute_loss(tokens, labels, cfg.mtp_loss_weight)
+            out.loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else
                                                    float("inf"))
         self.optimizer.step()

@@ -27,6 +27,7 @@ from moelib.parallel.pipeline.overlap import overlapped_forward_backward
 from moelib.parallel.pipeline.schedule import Message, Schedule
 from moelib.parallel.pipeline.segments import backward_steps, drain, forward_steps
 from moelib.parallel.pipeline.stage import PipelineStage
+from moelib.precision import weight_cache
 from moelib.precision.linear import WeightGradStore
 
 _KIND = {"A": 0, "G": 1}
@@ -126,6 +127,14 @@ class PipelineRuntime:
         self._pending, self._local, self._saved = {}, {}, {}
         self._stats = StepStats()
         WeightGradStore.clear()
+        with weight_cache.reuse():  # every micro-batch reuses one cast / quantisation of each weight
+            self._run_program()
+        self.p2p.wait_sends()
+        assert not self._saved and not self._pending, "schedule left work behind"
+        WeightGradStore.pop_all()
+        return self._stats
+
+    def _run_program(self) -> None:
         for k, op in enumerate(self.program):
             self._current = op
             for msg in self.plan[k]:
@@ -143,10 +152,6 @@ class PipelineRuntime:
                 self._stats.events.append({"rank": self.rank, "kind": op.kind, "mb": op.mb, "chunk": op.chunk,
                                            "b_mb": op.b_mb, "b_chunk": op.b_chunk, "start": start,
                                            "end": time.perf_counter(), "stream": "compute"})
-        self.p2p.wait_sends()
-        assert not self._saved and not self._pending, "schedule left work behind"
-        WeightGradStore.pop_all()
-        return self._stats
 
     def _event(self, stream: str, kind: str, start: float, end: float, mb: int) -> None:
         if self.record:
