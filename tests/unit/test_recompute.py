@@ -181,19 +181,21 @@ def test_bad_mode():
 
 
 def test_selective_keeps_the_attention_core():
-    """Selective reruns MLA's up-projections but not the attention core's softmax; full reruns the layer."""
+    """Selective reruns MLA's up-projections but not the attention core; full reruns the layer."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    class CountSoftmax(TorchDispatchMode):
+    from moelib.model.recompute import _ATTENTION_CORE
+
+    class CountAttentionCore(TorchDispatchMode):
         calls = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls += func.overloadpacket in (torch.ops.aten._safe_softmax, torch.ops.aten._softmax)
+            self.calls += func.overloadpacket in _ATTENTION_CORE  # a fused SDPA kernel or the math path's softmax
             return func(*args, **(kwargs or {}))
 
     calls = {}
     for mode in MODES:
-        with CountSoftmax() as counter:
+        with CountAttentionCore() as counter:
             run_layer(build(mode), "dense")
         calls[mode] = counter.calls
     assert calls == {"none": 1, "selective": 1, "full": 2}
