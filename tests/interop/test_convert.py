@@ -19,6 +19,7 @@ from moelib.train.checkpoint import FORMAT, CheckpointReader, load_checkpoint
 from moelib.train.trainer import Trainer
 
 transformers = pytest.importorskip("transformers", reason="transformers is needed for the interop tests")
+from _weights import randomize  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,17 +30,6 @@ CFG = dict(vocab_size=512, hidden_size=256, num_hidden_layers=3, intermediate_si
            kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32, init_std=0.05,
            max_position_embeddings=256, rope_scaling=YarnConfig(factor=4.0, original_max_position_embeddings=64))
 RANKS = 4
-
-
-def randomize(model, seed: int) -> None:
-    """Non-trivial norms and router biases, so a swapped or dropped tensor cannot hide."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-        for moe in model.moe_layers().values():
-            moe.gate.e_score_correction_bias.copy_(0.1 * torch.randn(moe.num_experts, generator=g))
 
 
 def write_multirank_checkpoint(state: dict, cfg: ModelConfig, root: Path, extra: dict[str, torch.Tensor]) -> Path:

@@ -11,6 +11,7 @@ from moelib.model import build_model
 from moelib.train.hf_format import from_hf_state_dict, to_hf_config, to_hf_state_dict
 
 transformers = pytest.importorskip("transformers", reason="transformers is needed for the parity tests")
+from _weights import randomize  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.modeling_layers import MtpModel  # noqa: E402
 
@@ -27,17 +28,6 @@ CONFIGS = {
                                                         mscale=0.8, mscale_all_dim=0.6), rope_theta=5000.0),
     "all-dense-no-mtp": dict(first_k_dense_replace=3, num_nextn_predict_layers=0),
 }
-
-
-def randomize(model, seed: int) -> None:
-    """Make norms and router biases non-trivial, so a swapped or missing tensor cannot hide."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-        for moe in model.moe_layers().values():
-            moe.gate.e_score_correction_bias.copy_(0.1 * torch.randn(moe.num_experts, generator=g))
 
 
 def write_hf_dir(model, cfg, path) -> None:
