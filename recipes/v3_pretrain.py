@@ -13,6 +13,7 @@ comes from moelib.parallel.mesh.auto_layout for the world size.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moelib import ModelConfig, MoelibError  # noqa: E402
+from moelib import ConfigError, ModelConfig, MoelibError  # noqa: E402
 from moelib.config import PIPELINE_SCHEDULES, PRECISION_BACKENDS, PRESETS, RecipeConfig  # noqa: E402
 from moelib.parallel import launch  # noqa: E402
 from moelib.parallel.mesh import auto_layout  # noqa: E402
@@ -202,18 +203,21 @@ def main(argv=None) -> int:
 
 
 def check_batch_sizes(cfg, micro_batch_size: int, par, dp: int) -> None:
-    """Every global batch the ramp produces must split into whole micro-batches per DP rank in a number
-    the pipeline schedule accepts; say which flag to change before any work starts."""
-    unit = micro_batch_size * dp * (2 if par.pipeline_schedule == "dualpipe" else 1)
-    fewest = 1 if par.pipeline_schedule == "1f1b" else 2 * par.pp
-    for name, value in (("START", cfg.batch_start), ("INCREMENT", cfg.batch_granularity)):
-        if cfg.batch_start != cfg.batch_end and value % unit:
-            raise MoelibError(f"--rampup-batch-size {name} {value} must be a multiple of {unit} (micro-batch size "
-                              f"x data-parallel size{' x 2 for DualPipe' if unit > micro_batch_size * dp else ''})")
-    if cfg.batch_start // (micro_batch_size * dp) < fewest:
-        raise MoelibError(f"--rampup-batch-size START {cfg.batch_start} gives "
-                          f"{cfg.batch_start // (micro_batch_size * dp)} micro-batches per data-parallel rank; "
-                          f"{par.pipeline_schedule} needs at least {fewest}")
+    """Every global batch the ramp produces must split into whole micro-batches per DP rank, in a number the
+    pipeline schedule accepts (ParallelConfig.validate owns that rule); name the flag before any work starts."""
+    if cfg.batch_start == cfg.batch_end:
+        return  # the one batch size is --global-batch-size, already checked against the layout
+    per_rank = micro_batch_size * dp
+    # START is a multiple of INCREMENT (ScheduleConfig's rule), so checking INCREMENT covers every batch.
+    if cfg.batch_granularity % per_rank:
+        raise MoelibError(f"--rampup-batch-size INCREMENT {cfg.batch_granularity} must be a multiple of {per_rank} "
+                          f"(micro-batch size {micro_batch_size} x data-parallel size {dp})")
+    for counts in sorted({b // per_rank for b in range(cfg.batch_start, cfg.batch_end + 1, cfg.batch_granularity)}):
+        try:
+            dataclasses.replace(par, num_microbatches=counts).validate()
+        except ConfigError as e:
+            raise MoelibError(f"--rampup-batch-size: a batch of {counts * per_rank} sequences gives {counts} "
+                              f"micro-batches per data-parallel rank, which the pipeline rejects: {e}") from None
 
 
 def telemetry_summary(trainer) -> dict[str, float]:

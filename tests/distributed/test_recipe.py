@@ -66,10 +66,11 @@ def test_sixteen_ranks_default_layout(tmp_path):
     (["--data-path", "/nonexistent/corpus", "--tokenizer", "/nonexistent/tok.json"],
      "Tokenizer file /nonexistent/tok.json does not exist"),
     (["--lr", "-1"], "TrainConfig.lr: must be positive"),
-    (["--pipeline-model-parallel-size", "2", "--micro-batch-size", "1", "--rampup-batch-size", "6", "2", "10"],
-     "--rampup-batch-size START 6 must be a multiple of 4"),
+    (["--pipeline-model-parallel-size", "2", "--micro-batch-size", "2", "--rampup-batch-size", "6", "2", "10"],
+     "--rampup-batch-size INCREMENT 2 must be a multiple of 4 (micro-batch size 2 x data-parallel size 2)"),
     (["--pipeline-model-parallel-size", "2", "--micro-batch-size", "1", "--rampup-batch-size", "4", "4", "10"],
-     "--rampup-batch-size START 4 gives 2 micro-batches per data-parallel rank; dualpipe needs at least 4"),
+     "--rampup-batch-size: a batch of 4 sequences gives 2 micro-batches per data-parallel rank, which the pipeline "
+     "rejects: ParallelConfig.num_microbatches: dualpipe needs at least 2 x pipeline size = 4 micro-batches, got 2"),
 ])
 def test_bad_layout_fails_with_one_line_on_rank_0(flags, message):
     rc, out, err = mpirun_recipe(4, "--train-iters", "1", *flags, timeout=120)
