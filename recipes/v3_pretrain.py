@@ -26,6 +26,7 @@ from moelib import ConfigError, ModelConfig, MoelibError  # noqa: E402
 from moelib.config import PIPELINE_SCHEDULES, PRECISION_BACKENDS, PRESETS, RecipeConfig  # noqa: E402
 from moelib.parallel import launch  # noqa: E402
 from moelib.parallel.mesh import auto_layout  # noqa: E402
+from moelib.precision import apex  # noqa: E402
 from moelib.precision.telemetry import collect_telemetry  # noqa: E402
 from moelib.train.checkpoint import CheckpointReader, prune_checkpoints, save_checkpoint  # noqa: E402
 from moelib.train.data import BatchLoader, PackedDataset, default_corpus  # noqa: E402
@@ -159,6 +160,8 @@ def main(argv=None) -> int:
         f"MTP {counts['mtp'] / 1e6:.1f}M); {env.world_size} rank(s): {mesh.describe()}; "
         f"precision {train_cfg.precision.backend}; "
         f"global batch {global_batch} x {train_cfg.seq_length} tokens; {dataset.num_tokens:,} tokens of data")
+    if torch.device(env.device).type == "cuda":
+        say(apex.status())
     # MFU against the peak the user gives, else the dense matmul rate measured here (per rank x ranks).
     peak = (args.peak_tflops * 1e12 if args.peak_tflops else
             measure_matmul_flops(torch.bfloat16 if train_cfg.precision.backend != "fp32" else torch.float32,

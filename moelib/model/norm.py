@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from moelib.model.recompute import checkpoint, should_recompute
+from moelib.precision import apex
 
 
 class RMSNorm(nn.Module):
@@ -20,6 +21,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if should_recompute(self.recompute):
             return checkpoint(self.forward, x)
+        fused = apex.fused_rms_norm(x, self.weight, self.eps)
+        if fused is not None:
+            return fused
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
