@@ -131,6 +131,8 @@ def run(args) -> dict:
         final[seed] = {n: sum(losses[n][-last:]) / last for n in backends}
         for n in others:
             paired[n].append((final[seed][n] - final[seed]["bf16"]) / final[seed]["bf16"])
+        print(f"seed {seed} done: final loss " + ", ".join(f"{n} {final[seed][n]:.4f}" for n in backends) + "; " +
+              ", ".join(f"({n} - bf16) / bf16 {100 * paired[n][-1]:+.3f}%" for n in others), flush=True)
 
     summary = {n: dict(zip(("mean", "stderr"), mean_and_stderr(paired[n]))) for n in others}
     rel_final = summary["fp8-emulated"]["mean"]
