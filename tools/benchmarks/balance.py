@@ -113,7 +113,8 @@ def validate(model, loader: BatchLoader, args) -> tuple[float, float]:
     losses = []
     for _ in range(args.val_batches):
         tokens, labels = loader.next_batch()
-        losses.append(float(model.compute_loss(tokens, labels, mtp_weight=0.0).lm_loss))
+        with model.backend.autocast():  # the numerics training ran with
+            losses.append(float(model.compute_loss(tokens, labels, mtp_weight=0.0).lm_loss))
     if loader.epoch != 0:
         raise SystemExit("balance: the corpus is too small to hold out --val-batches after --steps; lower either")
     load = collect_load(model)
