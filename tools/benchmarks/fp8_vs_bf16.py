@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -84,10 +85,7 @@ def train_pair(cfg: ModelConfig, args, seed: int, backends: tuple[str, ...], tel
 
 
 def mean_and_stderr(xs: list[float]) -> tuple[float, float | None]:
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, None
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+    return statistics.mean(xs), statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else None
 
 
 def plot(path: Path, runs: dict, args) -> None:
