@@ -86,6 +86,8 @@ def train(cfg: ModelConfig, gamma: float, args, name: str) -> dict:
     trainer = Trainer(cfg, tc)
     prefix, tokenizer = default_corpus(cfg.vocab_size)
     dataset = PackedDataset(prefix, args.seq, eod_id=Tokenizer.from_file(tokenizer).eod, vocab_size=cfg.vocab_size)
+    if (args.steps + args.val_batches) * args.batch > len(dataset):  # held-out batches must stay in epoch 0
+        raise SystemExit("balance: the corpus is too small to hold out --val-batches after --steps; lower either")
     loader = BatchLoader(dataset, args.batch, seed=args.seed)
     vio, loss, pooled = [], [], {}
     start = time.perf_counter()
@@ -115,8 +117,6 @@ def validate(model, loader: BatchLoader, args) -> tuple[float, float]:
         tokens, labels = loader.next_batch()
         with model.backend.autocast():  # the numerics training ran with
             losses.append(float(model.compute_loss(tokens, labels, mtp_weight=0.0).lm_loss))
-    if loader.epoch != 0:
-        raise SystemExit("balance: the corpus is too small to hold out --val-batches after --steps; lower either")
     load = collect_load(model)
     return load.mean_max_vio, sum(losses) / len(losses)
 
