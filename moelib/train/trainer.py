@@ -59,7 +59,9 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else
                                                    float("inf"))
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # Zeroing the gradients in place keeps their buffers for the next step: allocating fresh ones (32 MB
+        # for small's embedding) cost more than the zeroing in `bench.py train-step` (BENCHMARKS.md).
+        self.optimizer.zero_grad(set_to_none=False)
         load = collect_load(model)
         if cfg.bias_update_speed > 0:
             for name, moe in model.moe_layers().items():
