@@ -28,7 +28,7 @@ import torch
 
 from moelib.errors import ConfigError, DataError
 from moelib.train.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, token_dtype
-from moelib.train.tokenizer import train_bpe
+from moelib.train.tokenizer import Tokenizer, train_bpe
 
 try:
     import fcntl
@@ -236,6 +236,12 @@ def default_corpus(vocab_size: int = DEFAULT_VOCAB_SIZE, *, max_bytes: int = DEF
             if not final.is_dir():  # another process may have finished it while we waited
                 _build(root, key, vocab_size, max_bytes)
     return str(final / CORPUS_NAME), str(final / "tokenizer.json")
+
+
+def default_dataset(vocab_size: int, seq_length: int, **corpus_kwargs) -> PackedDataset:
+    """The default corpus packed into ``seq_length`` sequences, documents split at its tokenizer's EOD."""
+    prefix, tokenizer = default_corpus(vocab_size, **corpus_kwargs)
+    return PackedDataset(prefix, seq_length, eod_id=Tokenizer.from_file(tokenizer).eod, vocab_size=vocab_size)
 
 
 def _cache_key(vocab_size: int, max_bytes: int) -> str:

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moelib.errors import ConfigError, DataError
-from moelib.train.data import BatchLoader, PackedDataset, _cache_key, default_corpus, stdlib_sources
+from moelib.train.data import BatchLoader, PackedDataset, _cache_key, default_corpus, default_dataset, stdlib_sources
 from moelib.train.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from moelib.train.tokenizer import Tokenizer, train_bpe
 
@@ -239,7 +239,8 @@ def test_default_corpus_builds_once_and_packs(tmp_path):
     assert os.stat(prefix + ".bin").st_mtime_ns == stamp  # cached, not rebuilt
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [entry.name]  # no temp dirs
     tok = Tokenizer.from_file(tok_path)
-    ds = PackedDataset(prefix, 64, eod_id=tok.eod, vocab_size=tok.vocab_size)
+    ds = default_dataset(300, 64, max_bytes=200_000, cache_dir=tmp_path)  # the cached entry, packed
+    assert os.stat(prefix + ".bin").st_mtime_ns == stamp and ds.eod_id == tok.eod
     assert IndexedDataset(prefix).num_tokens == meta["tokens"] and len(ds) > 10
     sources = (p.read_text(encoding="utf-8", errors="replace") for p in stdlib_sources(200_000)[1])
     first_source = next(text for text in sources if text)  # empty files are skipped

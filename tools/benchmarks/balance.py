@@ -40,9 +40,8 @@ from tqdm import tqdm
 
 from moelib import ModelConfig, TrainConfig
 from moelib.model.router import max_violation
-from moelib.train.data import BatchLoader, PackedDataset, default_corpus
+from moelib.train.data import BatchLoader, default_dataset
 from moelib.train.metrics import collect_load
-from moelib.train.tokenizer import Tokenizer
 from moelib.train.trainer import Trainer
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
@@ -84,8 +83,7 @@ def train(cfg: ModelConfig, gamma: float, args, name: str) -> dict:
                      lr=args.lr, min_lr=min(args.lr, TrainConfig.min_lr), bias_update_speed=gamma,
                      precision={"backend": "bf16"})
     trainer = Trainer(cfg, tc)
-    prefix, tokenizer = default_corpus(cfg.vocab_size)
-    dataset = PackedDataset(prefix, args.seq, eod_id=Tokenizer.from_file(tokenizer).eod, vocab_size=cfg.vocab_size)
+    dataset = default_dataset(cfg.vocab_size, args.seq)
     if (args.steps + args.val_batches) * args.batch > len(dataset):  # held-out batches must stay in epoch 0
         raise SystemExit("balance: the corpus is too small to hold out --val-batches after --steps; lower either")
     loader = BatchLoader(dataset, args.batch, seed=args.seed)

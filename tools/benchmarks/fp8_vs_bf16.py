@@ -22,8 +22,7 @@ import torch
 
 from moelib import ModelConfig, TrainConfig
 from moelib.precision.telemetry import collect_telemetry
-from moelib.train.data import BatchLoader, PackedDataset, default_corpus
-from moelib.train.tokenizer import Tokenizer
+from moelib.train.data import BatchLoader, default_dataset
 from moelib.train.trainer import Trainer
 
 BACKENDS = ("bf16", "fp8-emulated")
@@ -46,9 +45,7 @@ def add_args(p) -> None:
 
 
 def loader(cfg: ModelConfig, args, seed: int) -> BatchLoader:
-    prefix, tokenizer = default_corpus(cfg.vocab_size)
-    dataset = PackedDataset(prefix, args.seq, eod_id=Tokenizer.from_file(tokenizer).eod, vocab_size=cfg.vocab_size)
-    return BatchLoader(dataset, args.batch, seed=seed)
+    return BatchLoader(default_dataset(cfg.vocab_size, args.seq), args.batch, seed=seed)
 
 
 def pooled_telemetry(stats: dict, totals: dict) -> None:

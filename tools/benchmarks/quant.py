@@ -25,8 +25,7 @@ from moelib import ModelConfig, TrainConfig
 from moelib.model import build_model
 from moelib.precision import fp8
 from moelib.precision.backends import name_linears
-from moelib.train.data import BatchLoader, PackedDataset, default_corpus
-from moelib.train.tokenizer import Tokenizer
+from moelib.train.data import BatchLoader, default_dataset
 from moelib.train.trainer import Trainer
 
 SCHEMES = ("1x128", "128x128", "tensor")
@@ -91,9 +90,7 @@ class ErrorStats:
 
 
 def corpus_loader(cfg: ModelConfig, batch: int, seq: int, seed: int) -> BatchLoader:
-    prefix, tokenizer = default_corpus(cfg.vocab_size)
-    dataset = PackedDataset(prefix, seq, eod_id=Tokenizer.from_file(tokenizer).eod, vocab_size=cfg.vocab_size)
-    return BatchLoader(dataset, batch, seed=seed)
+    return BatchLoader(default_dataset(cfg.vocab_size, seq), batch, seed=seed)
 
 
 @contextlib.contextmanager
