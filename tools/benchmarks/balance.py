@@ -55,6 +55,7 @@ def add_args(p) -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--warmup", type=int, default=TrainConfig.lr_warmup_iters, help="linear LR warm-up steps")
     p.add_argument("--gamma", type=float, nargs="+", default=[3e-3],
                    help="bias update speed(s) of the loss-free run(s); the first is the headline")
     p.add_argument("--free-alpha", type=float, default=1e-4, help="sequence-wise alpha kept by the loss-free run")
@@ -80,7 +81,8 @@ def variants(args) -> dict[str, tuple[float, float]]:
 
 def train(cfg: ModelConfig, gamma: float, args, name: str) -> dict:
     tc = TrainConfig(micro_batch_size=args.batch, seq_length=args.seq, train_iters=args.steps, seed=args.seed,
-                     lr=args.lr, min_lr=min(args.lr, TrainConfig.min_lr), bias_update_speed=gamma,
+                     lr=args.lr, min_lr=min(args.lr, TrainConfig.min_lr), lr_warmup_iters=args.warmup,
+                     bias_update_speed=gamma,
                      precision={"backend": "bf16"})
     trainer = Trainer(cfg, tc)
     dataset = default_dataset(cfg.vocab_size, args.seq)
@@ -180,7 +182,7 @@ def run(args) -> dict:
           f"(target >= {TARGET_RATIO:g}x at no higher loss: {'met' if met else 'NOT met'})")
     print(f"plot: {png}")
     return {"preset": args.preset, "steps": args.steps, "batch": args.batch, "seq": args.seq, "seed": args.seed,
-            "lr": args.lr, "last": last, "runs": runs, "baseline": aux_name,
+            "lr": args.lr, "warmup": args.warmup, "last": last, "runs": runs, "baseline": aux_name,
             "max_vio_ratio_aux_over_free": ratio,
             "max_vio_pooled_ratio_aux_over_free": ratio_pooled, "max_vio_global_ratio_aux_over_free": ratio_global,
             "loss_no_higher": no_worse,
