@@ -71,6 +71,30 @@ def test_fp32_step_is_deterministic(stream):
     assert [r.loss for r in a] == [r.loss for r in b]
 
 
+def test_kept_gradient_buffers_change_no_number(stream):
+    """The trainer zeroes gradients in place, so their buffers live across steps; freeing them instead
+    (``zero_grad(set_to_none=True)``) gives bit-identical losses and weights."""
+    cfg = ModelConfig.from_preset("tiny")
+    tc = TrainConfig(micro_batch_size=2, seq_length=32, train_iters=3, precision={"backend": "fp32"})
+    kept, freed = Trainer(cfg, tc), Trainer(cfg, tc)
+    zero_grad = freed.optimizer.zero_grad
+    freed.optimizer.zero_grad = lambda set_to_none=True: zero_grad(set_to_none=True)
+    losses, first_buffers = {}, None
+    for name, trainer in (("kept", kept), ("freed", freed)):
+        losses[name] = []
+        for result in trainer.train(batches(stream, 2, 32, seed=0)):
+            losses[name].append(result.loss)
+            if name == "kept" and first_buffers is None:
+                first_buffers = {n: p.grad.data_ptr() for n, p in kept.model.named_parameters() if p.grad is not None}
+    assert losses["kept"] == losses["freed"]
+    params = dict(kept.model.named_parameters())
+    for name, p in freed.model.named_parameters():
+        assert torch.equal(p, params[name]), name
+    assert all(p.grad is None for p in freed.model.parameters())
+    assert first_buffers and all(params[n].grad.data_ptr() == ptr and not params[n].grad.any()
+                                 for n, ptr in first_buffers.items())
+
+
 def test_lr_schedule_boundaries():
     cfg = TrainConfig(lr=1e-3, min_lr=1e-4, lr_warmup_iters=10, train_iters=110)
     assert lr_at(0, cfg) == pytest.approx(1e-4)
