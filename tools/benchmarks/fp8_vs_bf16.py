@@ -13,7 +13,9 @@ DeepSeek-V3 reports < 0.25 % over a whole run. FP8 telemetry is pooled over the 
 from __future__ import annotations
 
 import datetime
+import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -118,6 +120,8 @@ def run(args) -> dict:
     last = min(args.last, args.steps)
     runs, telemetry, seconds = {}, {}, dict.fromkeys(backends, 0.0)
     final, paired = {}, {n: [] for n in others}
+    out = Path(args.out or RESULTS / f"{args.command}-{datetime.date.today().isoformat()}.json")
+    partial = out.with_suffix(".partial.json")
     for seed in args.seeds:
         losses, secs = train_pair(cfg, args, seed, backends, telemetry)
         runs[seed] = losses
@@ -128,12 +132,18 @@ def run(args) -> dict:
             paired[n].append((final[seed][n] - final[seed]["bf16"]) / final[seed]["bf16"])
         print(f"seed {seed} done: final loss " + ", ".join(f"{n} {final[seed][n]:.4f}" for n in backends) + "; " +
               ", ".join(f"({n} - bf16) / bf16 {100 * paired[n][-1]:+.3f}%" for n in others), flush=True)
+        # A multi-seed run takes hours on CPU: keep what is done if it is stopped before the end.
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        tmp = partial.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"args": vars(args), "final_loss": final, "paired_rel_diff": paired},
+                                  indent=1, default=str) + "\n")
+        os.replace(tmp, partial)
 
     summary = {n: dict(zip(("mean", "stderr"), mean_and_stderr(paired[n]))) for n in others}
     rel_final = summary["fp8-emulated"]["mean"]
     ratio = seconds["fp8-emulated"] / seconds["bf16"]
-    out = args.out or RESULTS / f"{args.command}-{datetime.date.today().isoformat()}.json"
-    png = Path(out).with_suffix(".png")
+    partial.unlink(missing_ok=True)
+    png = out.with_suffix(".png")
     png.parent.mkdir(parents=True, exist_ok=True)
     plot(png, runs, args)
 
