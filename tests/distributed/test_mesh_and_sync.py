@@ -208,6 +208,8 @@ def test_silent_rank_times_out():
     rc, out, err = run_mpi(3, "rank_death.py", "stall", "2", timeout=60)
     assert rc not in (0, -9), (rc, out, err)
     failed = [float(line.split()[-2]) for line in out.splitlines() if "collective failed after" in line]
-    assert len(failed) == 2 and max(failed) < 4.0, out
+    # The first rank whose collective times out aborts the job, so the other waiting rank may be killed before
+    # it prints: at least one report, and none later than the timeout plus slack.
+    assert 1 <= len(failed) <= 2 and max(failed) < 4.0, out
     # launch aborts the MPI job on an uncaught exception, so nobody waits in MPI_Finalize for the silent rank.
     assert "silent rank woke up" not in out, out
