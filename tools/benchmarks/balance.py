@@ -23,21 +23,25 @@ paper's own pair of headline numbers on held-out data: MaxVio_global (expert cou
 validation LM loss; the target is judged on these (0.72 vs 0.04 at 1B in the paper). Counts pooled over
 training flatter the loss-free run: its sign update is an integral controller, so its cumulative counts
 balance by construction while the bias dithers by gamma from batch to batch, which the held-out pass,
-with the bias frozen, does not forgive. gamma is above V3's 1e-3 because the bias must undo the warm-up
-collapse within a couple of hundred steps instead of hundreds of thousands; ``--gamma`` takes several
+with the bias frozen, does not forgive. The default gamma is above V3's 1e-3 because the bias must undo the
+early collapse within a couple of hundred steps instead of hundreds of thousands; ``--gamma`` takes several
 values (one loss-free run each, the first is the headline). A PNG of MaxVio and loss curves is written
-next to the JSON.
+next to the JSON. ``--jobs 2`` trains two variants at a time (one thread each on 2 cores); finished
+variants are kept in ``<out>.partial.json`` until the run ends, so a long run stopped early keeps them.
 """
 
 from __future__ import annotations
 
 import datetime
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from benchmarks import write_partial
 from moelib import ModelConfig, TrainConfig
 from moelib.model.router import max_violation
 from moelib.train.data import BatchLoader, default_dataset
@@ -63,6 +67,8 @@ def add_args(p) -> None:
                    "the first is the headline baseline")
     p.add_argument("--last", type=int, default=50, help="final steps averaged")
     p.add_argument("--val-batches", type=int, default=64, help="held-out batches for MaxVio_global and the loss")
+    p.add_argument("--jobs", type=int, default=1, help="variants trained at once, in separate processes sharing "
+                   "the threads (each variant's numbers do not depend on it)")
 
 
 def variant(args) -> str:
@@ -79,7 +85,7 @@ def variants(args) -> dict[str, tuple[float, float]]:
     return out
 
 
-def train(cfg: ModelConfig, gamma: float, args, name: str) -> dict:
+def train(cfg: ModelConfig, gamma: float, args, name: str, position: int = 0) -> dict:
     tc = TrainConfig(micro_batch_size=args.batch, seq_length=args.seq, train_iters=args.steps, seed=args.seed,
                      lr=args.lr, min_lr=min(args.lr, TrainConfig.min_lr), lr_warmup_iters=args.warmup,
                      bias_update_speed=gamma,
@@ -91,7 +97,7 @@ def train(cfg: ModelConfig, gamma: float, args, name: str) -> dict:
     loader = BatchLoader(dataset, args.batch, seed=args.seed)
     vio, loss, pooled = [], [], {}
     start = time.perf_counter()
-    for step in tqdm(range(args.steps), desc=f"{name:<16}", leave=False):
+    for step in tqdm(range(args.steps), desc=f"{name:<16}", leave=False, position=position):
         r = trainer.train_step(*loader.next_batch())
         vio.append(r.max_vio)
         loss.append(r.lm_loss)
@@ -145,16 +151,40 @@ def plot(path: Path, runs: dict, args) -> None:
     plt.close(fig)
 
 
-def run(args) -> dict:
-    torch.manual_seed(args.seed)
+def train_all(args, partial: Path) -> dict:
+    """Every variant, ``--jobs`` at a time; after each one, the finished ones are kept in ``partial``."""
+    todo = {name: (ModelConfig.from_preset(args.preset, aux_loss_alpha=alpha), gamma)
+            for name, (gamma, alpha) in variants(args).items()}
     runs = {}
-    for name, (gamma, alpha) in variants(args).items():
-        cfg = ModelConfig.from_preset(args.preset, aux_loss_alpha=alpha)
-        runs[name] = train(cfg, gamma, args, name)
-        r = runs[name]
+
+    def finished(name: str, r: dict) -> None:
+        runs[name] = r
         print(f"{name:<18} MaxVio {r['max_vio_last']:.3f} (pooled {r['max_vio_pooled_last']:.3f}, held-out global "
               f"{r['max_vio_global_val']:.3f})  loss {r['lm_loss_last']:.4f} (held-out {r['lm_loss_val']:.4f})  "
               f"{r['seconds']:.0f} s", flush=True)
+        write_partial(partial, {"args": vars(args), "runs": runs})
+
+    if args.jobs <= 1:
+        for name, (cfg, gamma) in todo.items():
+            finished(name, train(cfg, gamma, args, name))
+    else:
+        # spawn, not fork: a forked child would inherit the parent's OpenMP thread pool state.
+        threads = max(1, torch.get_num_threads() // args.jobs)
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            futures = {pool.submit(train, cfg, gamma, args, name, i % args.jobs): name
+                       for i, (name, (cfg, gamma)) in enumerate(todo.items())}
+            for f in as_completed(futures):
+                finished(futures[f], f.result())
+    return {name: runs[name] for name in todo}
+
+
+def run(args) -> dict:
+    if args.jobs < 1:
+        raise SystemExit("balance: --jobs must be at least 1")
+    out = Path(args.out or RESULTS / f"balance-{variant(args)}-{datetime.date.today().isoformat()}.json")
+    partial = out.with_suffix(".partial.json")
+    runs = train_all(args, partial)
     free, aux_name = runs["loss-free"], next((n for n in runs if n.startswith("aux-loss")), "none")
     aux = runs[aux_name]
     ratio = aux["max_vio_last"] / free["max_vio_last"]
@@ -163,8 +193,8 @@ def run(args) -> dict:
     # Judged as the paper reports it: MaxVio_global and loss on held-out data.
     no_worse = free["lm_loss_val"] <= aux["lm_loss_val"]
     met = ratio_global >= TARGET_RATIO and no_worse
-    out = args.out or RESULTS / f"balance-{variant(args)}-{datetime.date.today().isoformat()}.json"
-    png = Path(out).with_suffix(".png")
+    partial.unlink(missing_ok=True)
+    png = out.with_suffix(".png")
     png.parent.mkdir(parents=True, exist_ok=True)
     plot(png, runs, args)
 

@@ -13,15 +13,14 @@ DeepSeek-V3 reports < 0.25 % over a whole run. FP8 telemetry is pooled over the 
 from __future__ import annotations
 
 import datetime
-import json
 import math
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks import write_partial
 from moelib import ModelConfig, TrainConfig
 from moelib.precision.telemetry import collect_telemetry
 from moelib.train.data import BatchLoader, default_dataset
@@ -133,11 +132,7 @@ def run(args) -> dict:
         print(f"seed {seed} done: final loss " + ", ".join(f"{n} {final[seed][n]:.4f}" for n in backends) + "; " +
               ", ".join(f"({n} - bf16) / bf16 {100 * paired[n][-1]:+.3f}%" for n in others), flush=True)
         # A multi-seed run takes hours on CPU: keep what is done if it is stopped before the end.
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        tmp = partial.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"args": vars(args), "final_loss": final, "paired_rel_diff": paired},
-                                  indent=1, default=str) + "\n")
-        os.replace(tmp, partial)
+        write_partial(partial, {"args": vars(args), "final_loss": final, "paired_rel_diff": paired})
 
     summary = {n: dict(zip(("mean", "stderr"), mean_and_stderr(paired[n]))) for n in others}
     rel_final = summary["fp8-emulated"]["mean"]
