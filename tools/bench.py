@@ -52,6 +52,8 @@ def main(argv=None) -> int:
         modules[name] = module
     args = parser.parse_args(argv)
     result = modules[args.command].run(args)
+    if result is None:  # e.g. ``all --dry-run``: nothing was measured, so nothing is written
+        return 0
     record = {"command": "python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(), **result}
     variant = getattr(modules[args.command], "variant", lambda a: "")(args)

@@ -113,7 +113,7 @@ def _convert(r) -> list[tuple]:
 def plan() -> list[tuple[str, str, list[str], object]]:
     """(command, label, argv, headline extractor): argv chosen for ~15 minutes in total on 2 idle cores."""
     steps = [
-        ("balance", "tiny", [], _balance),
+        ("balance", "tiny", ["--jobs", "2"], _balance),  # two variants at a time, one thread each
         ("train-step", "small-fp32", ["--vs-hf", "--preset", "small", "--dtype", "fp32", "--steps", "4",
                                       "--warmup", "1"], _train_step),
         ("train-step", "small-bf16", ["--vs-hf", "--preset", "small", "--dtype", "bf16", "--steps", "4",
@@ -148,17 +148,23 @@ def run_one(cmd: str, argv: list[str], out: Path) -> tuple[int, float, float]:
     return rc, time.perf_counter() - start, cpu
 
 
-def run(args) -> dict:
+def key_of(cmd: str, label: str) -> str:
+    return "-".join(p for p in (cmd, label) if p)
+
+
+def run(args) -> dict | None:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     date = datetime.date.today().isoformat()
     todo = [s for s in plan() if s[0] not in skip]
+    if args.dry_run:  # nothing ran, so nothing is recorded (no summary overwrites the last real one)
+        for cmd, label, argv, _ in todo:
+            out = RESULTS / f"{key_of(cmd, label)}-all-{date}.json"
+            print(f"python tools/bench.py {cmd} --out {out.relative_to(ROOT)} {' '.join(argv)}")
+        return None
     rows, runs, start = [], {}, time.perf_counter()
     for cmd, label, argv, headline in tqdm(todo, desc="bench all", unit="cmd"):
-        key = "-".join(p for p in (cmd, label) if p)
+        key = key_of(cmd, label)
         out = RESULTS / f"{key}-all-{date}.json"
-        if args.dry_run:
-            print(f"python tools/bench.py {cmd} --out {out.relative_to(ROOT)} {' '.join(argv)}")
-            continue
         rc, seconds, cpu = run_one(cmd, argv, out)
         runs[key] = {"command": f"python tools/bench.py {cmd} {' '.join(argv)}".strip(), "returncode": rc,
                      "seconds": seconds, "cpu_seconds": cpu, "result": str(out.relative_to(ROOT))}
@@ -168,8 +174,7 @@ def run(args) -> dict:
         for name, value, target, met in headline(json.loads(out.read_text())):
             rows.append({"bench": key, "headline": name, "value": value, "target": target, "met": met})
     total = time.perf_counter() - start
-    if not args.dry_run:
-        print_table(rows, runs, total)
+    print_table(rows, runs, total)
     return {"wall_s": total, "cpu_s": sum(r["cpu_seconds"] for r in runs.values()), "runs": runs, "headlines": rows,
             "kernels": "full (GPU)" if torch.cuda.is_available() else "smoke only (no GPU)"}
 
