@@ -1,5 +1,6 @@
 """bench.py fp8-vs-bf16 runs for hours over many seeds on CPU: a run stopped part-way keeps the seeds it
-finished in <out>.partial.json, and a finished run leaves only its result."""
+finished in <out>.partial.json, a finished run leaves only its result, and seeds trained ``--jobs`` at a
+time give the numbers they give one after another."""
 
 from __future__ import annotations
 
@@ -9,16 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from benchmarks import fp8_vs_bf16  # noqa: E402
 
 
-def args_for(out: Path, seeds: list[int]) -> argparse.Namespace:
+def args_for(out: Path, seeds: list[int], *extra: str) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     fp8_vs_bf16.add_args(p)
     args = p.parse_args(["--steps", "2", "--batch", "2", "--seq", "32", "--last", "2", "--log-interval", "100",
-                         "--seeds", *map(str, seeds)])
+                         "--telemetry-interval", "1", "--seeds", *map(str, seeds), *extra])
     args.out, args.command = out, "fp8-vs-bf16"
     return args
 
@@ -43,3 +45,24 @@ def test_stopped_run_keeps_finished_seeds(tmp_path, monkeypatch):
 def test_finished_run_removes_partial(tmp_path):
     result = fp8_vs_bf16.run(args_for(tmp_path / "r.json", [1]))
     assert set(result["final_loss"]) == {"1"} and not (tmp_path / "r.partial.json").exists()
+
+
+def test_parallel_seeds_equal_sequential(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers of --jobs 2 get one thread each; compare like with like
+    try:
+        one = fp8_vs_bf16.run(args_for(tmp_path / "one.json", [3, 1, 2]))
+        two = fp8_vs_bf16.run(args_for(tmp_path / "two.json", [3, 1, 2], "--jobs", "2"))
+    finally:
+        torch.set_num_threads(threads)
+    for key in ("final_loss", "paired_rel_diff", "summary", "losses", "fp8_telemetry"):
+        assert one[key] == two[key], key
+    assert list(two["final_loss"]) == ["3", "1", "2"] and len(two["paired_rel_diff"]["fp8-emulated"]) == 3
+    assert two["fp8_telemetry"] and all(t["numel"] > 0 for t in two["fp8_telemetry"].values())
+
+
+def test_bad_arguments_fail_before_training(tmp_path):
+    with pytest.raises(SystemExit, match="--jobs"):
+        fp8_vs_bf16.run(args_for(tmp_path / "r.json", [1], "--jobs", "0"))
+    with pytest.raises(SystemExit, match="repeats"):
+        fp8_vs_bf16.run(args_for(tmp_path / "r.json", [1, 1]))

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+
+import torch
 
 
 def write_partial(path: Path, record: dict) -> None:
@@ -14,3 +19,20 @@ def write_partial(path: Path, record: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def map_jobs(fn: Callable, calls: Sequence[tuple], jobs: int) -> Iterator[tuple[int, object]]:
+    """Yield (i, fn(*calls[i])) as each call finishes: in order in this process when ``jobs`` <= 1, otherwise
+    ``jobs`` at a time in worker processes that share this process's threads. Each call must build its own
+    state from its arguments (seeded), so its result does not depend on where it ran."""
+    if jobs <= 1:
+        for i, call in enumerate(calls):
+            yield i, fn(*call)
+        return
+    threads = max(1, torch.get_num_threads() // jobs)
+    # spawn, not fork: a forked child would inherit the parent's OpenMP thread pool state.
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        futures = {pool.submit(fn, *call): i for i, call in enumerate(calls)}
+        for f in as_completed(futures):
+            yield futures[f], f.result()

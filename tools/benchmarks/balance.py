@@ -33,15 +33,13 @@ variants are kept in ``<out>.partial.json`` until the run ends, so a long run st
 from __future__ import annotations
 
 import datetime
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from benchmarks import write_partial
+from benchmarks import map_jobs, write_partial
 from moelib import ModelConfig, TrainConfig
 from moelib.model.router import max_violation
 from moelib.train.data import BatchLoader, default_dataset
@@ -155,28 +153,15 @@ def train_all(args, partial: Path) -> dict:
     """Every variant, ``--jobs`` at a time; after each one, the finished ones are kept in ``partial``."""
     todo = {name: (ModelConfig.from_preset(args.preset, aux_loss_alpha=alpha), gamma)
             for name, (gamma, alpha) in variants(args).items()}
-    runs = {}
-
-    def finished(name: str, r: dict) -> None:
-        runs[name] = r
-        print(f"{name:<18} MaxVio {r['max_vio_last']:.3f} (pooled {r['max_vio_pooled_last']:.3f}, held-out global "
-              f"{r['max_vio_global_val']:.3f})  loss {r['lm_loss_last']:.4f} (held-out {r['lm_loss_val']:.4f})  "
-              f"{r['seconds']:.0f} s", flush=True)
+    names, runs = list(todo), {}
+    calls = [(cfg, gamma, args, name, i % args.jobs) for i, (name, (cfg, gamma)) in enumerate(todo.items())]
+    for i, r in map_jobs(train, calls, args.jobs):
+        runs[names[i]] = r
+        print(f"{names[i]:<18} MaxVio {r['max_vio_last']:.3f} (pooled {r['max_vio_pooled_last']:.3f}, held-out "
+              f"global {r['max_vio_global_val']:.3f})  loss {r['lm_loss_last']:.4f} (held-out "
+              f"{r['lm_loss_val']:.4f})  {r['seconds']:.0f} s", flush=True)
         write_partial(partial, {"args": vars(args), "runs": runs})
-
-    if args.jobs <= 1:
-        for name, (cfg, gamma) in todo.items():
-            finished(name, train(cfg, gamma, args, name))
-    else:
-        # spawn, not fork: a forked child would inherit the parent's OpenMP thread pool state.
-        threads = max(1, torch.get_num_threads() // args.jobs)
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-            futures = {pool.submit(train, cfg, gamma, args, name, i % args.jobs): name
-                       for i, (name, (cfg, gamma)) in enumerate(todo.items())}
-            for f in as_completed(futures):
-                finished(futures[f], f.result())
-    return {name: runs[name] for name in todo}
+    return {name: runs[name] for name in names}
 
 
 def run(args) -> dict:

@@ -7,7 +7,9 @@ small batches drift apart chaotically from rounding-level differences, so one se
 that drift: ``--seeds`` repeats the pair and reports the mean paired difference with its standard error, and
 ``--control fp32`` adds a third run per seed whose gap to bf16 is the noise floor of two high-precision runs.
 DeepSeek-V3 reports < 0.25 % over a whole run. FP8 telemetry is pooled over the runs (sampled every
-``--telemetry-interval`` steps). A PNG of the loss curves is written next to the JSON result.
+``--telemetry-interval`` steps). A PNG of the loss curves is written next to the JSON result. ``--jobs 2``
+trains two seeds at a time (one thread each on 2 cores); finished seeds are kept in ``<out>.partial.json``
+until the run ends.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import write_partial
+from benchmarks import map_jobs, write_partial
 from moelib import ModelConfig, TrainConfig
 from moelib.precision.telemetry import collect_telemetry
 from moelib.train.data import BatchLoader, default_dataset
@@ -43,6 +45,8 @@ def add_args(p) -> None:
     p.add_argument("--last", type=int, default=50, help="steps averaged for the final loss")
     p.add_argument("--telemetry-interval", type=int, default=25)
     p.add_argument("--log-interval", type=int, default=25)
+    p.add_argument("--jobs", type=int, default=1, help="seeds trained at once, in separate processes sharing "
+                   "the threads (each seed's numbers do not depend on it)")
 
 
 def loader(cfg: ModelConfig, args, seed: int) -> BatchLoader:
@@ -57,9 +61,10 @@ def pooled_telemetry(stats: dict, totals: dict) -> None:
                 t[key] += c[key]
 
 
-def train_pair(cfg: ModelConfig, args, seed: int, backends: tuple[str, ...], telemetry: dict):
-    """Train one run per backend from the same initial weights and data; returns (losses, seconds) per backend."""
-    trainers, loaders, losses, seconds = {}, {}, {}, {}
+def train_pair(cfg: ModelConfig, args, seed: int, backends: tuple[str, ...]):
+    """Train one run per backend from the same initial weights and data; returns (losses, seconds) per backend
+    and the FP8 telemetry pooled over the run."""
+    trainers, loaders, losses, seconds, telemetry = {}, {}, {}, {}, {}
     for name in backends:
         torch.manual_seed(seed)
         precision = {"backend": name, "telemetry_interval": args.telemetry_interval if "fp8" in name else 0}
@@ -79,7 +84,7 @@ def train_pair(cfg: ModelConfig, args, seed: int, backends: tuple[str, ...], tel
             b, f = losses["bf16"][-1], losses["fp8-emulated"][-1]
             print(f"seed {seed} step {step:4d} | bf16 {b:.4f} | fp8 {f:.4f} | rel {100 * (f - b) / b:+.3f}%",
                   flush=True)
-    return losses, seconds
+    return losses, seconds, telemetry
 
 
 def mean_and_stderr(xs: list[float]) -> tuple[float, float | None]:
@@ -113,26 +118,38 @@ def plot(path: Path, runs: dict, args) -> None:
 
 
 def run(args) -> dict:
+    if args.jobs < 1:
+        raise SystemExit("fp8-vs-bf16: --jobs must be at least 1")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit("fp8-vs-bf16: --seeds repeats a seed; each seed is one paired run")
     cfg = ModelConfig.from_preset(args.preset)
     backends = BACKENDS + (() if args.control == "none" else (args.control,))
     others = backends[1:]
     last = min(args.last, args.steps)
     runs, telemetry, seconds = {}, {}, dict.fromkeys(backends, 0.0)
-    final, paired = {}, {n: [] for n in others}
+    final, rel = {}, {}  # per seed: final loss per backend, (x - bf16) / bf16 per other backend
     out = Path(args.out or RESULTS / f"{args.command}-{datetime.date.today().isoformat()}.json")
     partial = out.with_suffix(".partial.json")
-    for seed in args.seeds:
-        losses, secs = train_pair(cfg, args, seed, backends, telemetry)
+
+    def paired_in_seed_order() -> dict[str, list[float]]:
+        return {n: [rel[s][n] for s in args.seeds if s in rel] for n in others}
+
+    calls = [(cfg, args, seed, backends) for seed in args.seeds]
+    for i, (losses, secs, tele) in map_jobs(train_pair, calls, args.jobs):
+        seed = args.seeds[i]
         runs[seed] = losses
+        pooled_telemetry({"run": tele}, telemetry)
         for n in backends:
             seconds[n] += secs[n]
         final[seed] = {n: sum(losses[n][-last:]) / last for n in backends}
-        for n in others:
-            paired[n].append((final[seed][n] - final[seed]["bf16"]) / final[seed]["bf16"])
+        rel[seed] = {n: (final[seed][n] - final[seed]["bf16"]) / final[seed]["bf16"] for n in others}
         print(f"seed {seed} done: final loss " + ", ".join(f"{n} {final[seed][n]:.4f}" for n in backends) + "; " +
-              ", ".join(f"({n} - bf16) / bf16 {100 * paired[n][-1]:+.3f}%" for n in others), flush=True)
+              ", ".join(f"({n} - bf16) / bf16 {100 * rel[seed][n]:+.3f}%" for n in others), flush=True)
         # A multi-seed run takes hours on CPU: keep what is done if it is stopped before the end.
-        write_partial(partial, {"args": vars(args), "final_loss": final, "paired_rel_diff": paired})
+        write_partial(partial, {"args": vars(args), "final_loss": final, "paired_rel_diff": paired_in_seed_order()})
+    runs = {seed: runs[seed] for seed in args.seeds}
+    final = {seed: final[seed] for seed in args.seeds}
+    paired = paired_in_seed_order()
 
     summary = {n: dict(zip(("mean", "stderr"), mean_and_stderr(paired[n]))) for n in others}
     rel_final = summary["fp8-emulated"]["mean"]
