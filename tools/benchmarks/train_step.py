@@ -10,6 +10,7 @@ measured in the same run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import statistics
 import tempfile
@@ -34,6 +35,8 @@ def add_args(p) -> None:
     p.add_argument("--steps", type=int, default=6, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--vs-hf", action="store_true", help="also time transformers' DeepseekV3ForCausalLM")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile N more steps of each model and print where the time goes")
 
 
 def variant(args) -> str:
@@ -48,6 +51,20 @@ def hf_model(model, cfg: ModelConfig):
         save_file(tensors, str(Path(d) / "model.safetensors"), metadata={"format": "pt"})
         (Path(d) / "config.json").write_text(json.dumps(to_hf_config(cfg, "float32")))
         return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).train()
+
+
+def profile_steps(step, n: int, top: int = 12) -> list[dict]:
+    """The ``top`` operators by self CPU time over ``n`` steps: share of the total, ms and calls per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [{"op": e.key, "share": e.self_cpu_time_total / total, "ms_per_step": e.self_cpu_time_total / 1e3 / n,
+             "calls_per_step": e.count / n} for e in ranked]
 
 
 def run(args) -> dict:
@@ -107,4 +124,12 @@ def run(args) -> dict:
         ratio = result["models"]["moelib"]["tokens_per_s"] / result["models"]["transformers"]["tokens_per_s"]
         result["ratio_moelib_over_transformers"] = ratio
         print(f"moelib / transformers: {ratio:.2f}x")
+    if args.profile:
+        result["profile"] = {}
+        for name in candidates:
+            rows = result["profile"][name] = profile_steps(functools.partial(step, name), args.profile)
+            print(f"\n{name}: top operators by self CPU time over {args.profile} profiled steps")
+            print(f"{'operator':<58}{'share':>8}{'ms/step':>9}{'calls/step':>12}")
+            for r in rows:
+                print(f"{r['op'][:57]:<58}{r['share']:>8.1%}{r['ms_per_step']:>9.1f}{r['calls_per_step']:>12.0f}")
     return result

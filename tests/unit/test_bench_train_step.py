@@ -1,0 +1,23 @@
+"""bench.py train-step --profile: where a step's time goes, as shares of the profiled self CPU time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_profile_lists_the_top_operators(tmp_path):
+    out = tmp_path / "ts.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "train-step", "--preset", "tiny",
+                           "--dtype", "bf16", "--batch", "2", "--seq", "64", "--steps", "1", "--warmup", "0",
+                           "--profile", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["profile"]["moelib"]
+    assert len(rows) == 12 and [r["share"] for r in rows] == sorted((r["share"] for r in rows), reverse=True)
+    assert 0 < sum(r["share"] for r in rows) <= 1 + 1e-9
+    assert "aten::mm" in {r["op"] for r in rows}  # a training step is mostly matmuls
+    assert "top operators by self CPU time" in proc.stdout
