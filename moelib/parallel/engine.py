@@ -143,14 +143,14 @@ class ParallelTrainer:
         grad_norm = self.sync.clip_grad_norm_(cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
         skipped = not (math.isfinite(grad_norm) and bool(torch.isfinite(losses).all()))
         if skipped:
-            self.optimizer.zero_grad()
+            self.optimizer.zero_grad(set_to_none=False)
             for model in self.models.values():
                 for moe in model.moe_layers().values():
                     moe.load_counts.zero_()
             max_vio = float("nan")
         else:
             self.optimizer.step()
-            self.optimizer.zero_grad()
+            self.optimizer.zero_grad(set_to_none=False)  # keep the buffers, as the single-process Trainer does
             counts = self.sync.update_router_biases(gamma)
             self.step += 1
             if self.ema is not None:

@@ -122,7 +122,7 @@ class GradSync:
             if len(copies) > 1:
                 total = sum(p.grad for p in copies)
                 for p in copies:
-                    p.grad = total.clone()
+                    p.grad.copy_(total)
         for group, names in self.shared:
             _all_reduce_into([self.grads(n) for n in names if n in self.params], group)
         dp = self.mesh.dp
