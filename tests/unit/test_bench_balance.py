@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from benchmarks import balance  # noqa: E402
@@ -22,14 +21,6 @@ def args_for(out: Path, *extra: str) -> argparse.Namespace:
                          "--gamma", "1e-2", "--aux-alphas", "1e-2", *extra])
     args.out, args.command = out, "balance"
     return args
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the workers of --jobs 2 get one thread each; compare like with like
-    yield
-    torch.set_num_threads(threads)
 
 
 def without_times(result: dict) -> dict:

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from benchmarks import fp8_vs_bf16  # noqa: E402
@@ -47,14 +46,9 @@ def test_finished_run_removes_partial(tmp_path):
     assert set(result["final_loss"]) == {"1"} and not (tmp_path / "r.partial.json").exists()
 
 
-def test_parallel_seeds_equal_sequential(tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the workers of --jobs 2 get one thread each; compare like with like
-    try:
-        one = fp8_vs_bf16.run(args_for(tmp_path / "one.json", [3, 1, 2]))
-        two = fp8_vs_bf16.run(args_for(tmp_path / "two.json", [3, 1, 2], "--jobs", "2"))
-    finally:
-        torch.set_num_threads(threads)
+def test_parallel_seeds_equal_sequential(tmp_path, one_thread):
+    one = fp8_vs_bf16.run(args_for(tmp_path / "one.json", [3, 1, 2]))
+    two = fp8_vs_bf16.run(args_for(tmp_path / "two.json", [3, 1, 2], "--jobs", "2"))
     for key in ("final_loss", "paired_rel_diff", "summary", "losses", "fp8_telemetry"):
         assert one[key] == two[key], key
     assert list(two["final_loss"]) == ["3", "1", "2"] and len(two["paired_rel_diff"]["fp8-emulated"]) == 3
