@@ -28,8 +28,6 @@ sys.path.insert(0, str(ROOT / "tools"))
 import benchmarks  # noqa: E402
 from moelib import MoelibError  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
-
 
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -56,9 +54,7 @@ def main(argv=None) -> int:
         return 0
     record = {"command": "python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(), **result}
-    variant = getattr(modules[args.command], "variant", lambda a: "")(args)
-    stem = "-".join(p for p in (args.command, variant, datetime.date.today().isoformat()) if p)
-    out = args.out or RESULTS / f"{stem}.json"
+    out = benchmarks.result_path(args, getattr(modules[args.command], "variant", lambda a: "")(args))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"results: {out}")

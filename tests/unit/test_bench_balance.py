@@ -52,6 +52,7 @@ def test_stopped_run_keeps_finished_variants(tmp_path, monkeypatch):
     assert kept["args"]["steps"] == 3
 
 
-def test_jobs_must_be_positive(tmp_path):
-    with pytest.raises(SystemExit, match="--jobs"):
-        balance.run(args_for(tmp_path / "r.json", "--jobs", "0"))
+def test_jobs_must_be_positive(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        args_for(tmp_path / "r.json", "--jobs", "0")
+    assert "--jobs: must be at least 1, got 0" in capsys.readouterr().err

@@ -55,8 +55,9 @@ def test_parallel_seeds_equal_sequential(tmp_path, one_thread):
     assert two["fp8_telemetry"] and all(t["numel"] > 0 for t in two["fp8_telemetry"].values())
 
 
-def test_bad_arguments_fail_before_training(tmp_path):
-    with pytest.raises(SystemExit, match="--jobs"):
-        fp8_vs_bf16.run(args_for(tmp_path / "r.json", [1], "--jobs", "0"))
+def test_bad_arguments_fail_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        args_for(tmp_path / "r.json", [1], "--jobs", "0")
+    assert "--jobs: must be at least 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="repeats"):
         fp8_vs_bf16.run(args_for(tmp_path / "r.json", [1, 1]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
 import multiprocessing
 import os
@@ -10,6 +12,26 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+def result_path(args, variant: str = "") -> Path:
+    """Where a subcommand's JSON goes: ``--out``, else benchmarks/results/<command>[-<variant>]-<date>.json."""
+    if args.out:
+        return Path(args.out)
+    return RESULTS / ("-".join(p for p in (args.command, variant, datetime.date.today().isoformat()) if p) + ".json")
+
+
+def add_jobs_arg(p: argparse.ArgumentParser, what: str) -> None:
+    """``--jobs N``: runs at once, in separate processes sharing the threads (results do not depend on N)."""
+    def positive(text: str) -> int:
+        n = int(text)
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+        return n
+    p.add_argument("--jobs", type=positive, default=1, help=f"{what} trained at once, in separate processes "
+                   "sharing the threads (each one's numbers do not depend on it)")
 
 
 def write_partial(path: Path, record: dict) -> None:

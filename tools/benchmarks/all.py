@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from benchmarks import RESULTS
+
 ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "benchmarks" / "results"
 HERE = Path(__file__).resolve().parent
 
 

@@ -32,21 +32,19 @@ variants are kept in ``<out>.partial.json`` until the run ends, so a long run st
 
 from __future__ import annotations
 
-import datetime
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from benchmarks import map_jobs, write_partial
+from benchmarks import add_jobs_arg, map_jobs, result_path, write_partial
 from moelib import ModelConfig, TrainConfig
 from moelib.model.router import max_violation
 from moelib.train.data import BatchLoader, default_dataset
 from moelib.train.metrics import collect_load
 from moelib.train.trainer import Trainer
 
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 TARGET_RATIO = 5.0  # aux-loss MaxVio / loss-free MaxVio, with the loss-free loss no higher
 
 
@@ -65,8 +63,7 @@ def add_args(p) -> None:
                    "the first is the headline baseline")
     p.add_argument("--last", type=int, default=50, help="final steps averaged")
     p.add_argument("--val-batches", type=int, default=64, help="held-out batches for MaxVio_global and the loss")
-    p.add_argument("--jobs", type=int, default=1, help="variants trained at once, in separate processes sharing "
-                   "the threads (each variant's numbers do not depend on it)")
+    add_jobs_arg(p, "variants")
 
 
 def variant(args) -> str:
@@ -165,9 +162,7 @@ def train_all(args, partial: Path) -> dict:
 
 
 def run(args) -> dict:
-    if args.jobs < 1:
-        raise SystemExit("balance: --jobs must be at least 1")
-    out = Path(args.out or RESULTS / f"balance-{variant(args)}-{datetime.date.today().isoformat()}.json")
+    out = result_path(args, variant(args))
     partial = out.with_suffix(".partial.json")
     runs = train_all(args, partial)
     free, aux_name = runs["loss-free"], next((n for n in runs if n.startswith("aux-loss")), "none")

@@ -14,7 +14,6 @@ until the run ends.
 
 from __future__ import annotations
 
-import datetime
 import math
 import statistics
 import time
@@ -22,14 +21,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import map_jobs, write_partial
+from benchmarks import add_jobs_arg, map_jobs, result_path, write_partial
 from moelib import ModelConfig, TrainConfig
 from moelib.precision.telemetry import collect_telemetry
 from moelib.train.data import BatchLoader, default_dataset
 from moelib.train.trainer import Trainer
 
 BACKENDS = ("bf16", "fp8-emulated")
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 COLORS = {"bf16": "tab:blue", "fp8-emulated": "tab:orange", "fp32": "tab:green"}
 
 
@@ -45,8 +43,7 @@ def add_args(p) -> None:
     p.add_argument("--last", type=int, default=50, help="steps averaged for the final loss")
     p.add_argument("--telemetry-interval", type=int, default=25)
     p.add_argument("--log-interval", type=int, default=25)
-    p.add_argument("--jobs", type=int, default=1, help="seeds trained at once, in separate processes sharing "
-                   "the threads (each seed's numbers do not depend on it)")
+    add_jobs_arg(p, "seeds")
 
 
 def loader(cfg: ModelConfig, args, seed: int) -> BatchLoader:
@@ -118,8 +115,6 @@ def plot(path: Path, runs: dict, args) -> None:
 
 
 def run(args) -> dict:
-    if args.jobs < 1:
-        raise SystemExit("fp8-vs-bf16: --jobs must be at least 1")
     if len(set(args.seeds)) != len(args.seeds):
         raise SystemExit("fp8-vs-bf16: --seeds repeats a seed; each seed is one paired run")
     cfg = ModelConfig.from_preset(args.preset)
@@ -128,7 +123,7 @@ def run(args) -> dict:
     last = min(args.last, args.steps)
     runs, telemetry, seconds = {}, {}, dict.fromkeys(backends, 0.0)
     final, rel = {}, {}  # per seed: final loss per backend, (x - bf16) / bf16 per other backend
-    out = Path(args.out or RESULTS / f"{args.command}-{datetime.date.today().isoformat()}.json")
+    out = result_path(args)
     partial = out.with_suffix(".partial.json")
 
     def paired_in_seed_order() -> dict[str, list[float]]:
