@@ -17,7 +17,11 @@ class LoadStats:
 
     @property
     def mean_max_vio(self) -> float:
-        return sum(self.max_vio.values()) / len(self.max_vio) if self.max_vio else 0.0
+        """MaxVio averaged over the layers that routed tokens: a layer that ran on nothing (the MTP module in
+        an evaluation pass without its loss) has no load to be unbalanced, and counting it as 0 would flatter
+        the mean."""
+        vio = [self.max_vio[name] for name, c in self.counts.items() if c.sum() > 0]
+        return sum(vio) / len(vio) if vio else 0.0
 
 
 def collect_load(model: Transformer, reset: bool = True) -> LoadStats:

@@ -8,6 +8,8 @@ import torch
 
 from moelib import ModelConfig, TrainConfig
 from moelib.model import build_model
+from moelib.model.router import max_violation
+from moelib.train.metrics import collect_load
 from moelib.train.optimizer import param_groups
 from moelib.train.schedules import lr_at
 from moelib.train.trainer import Trainer
@@ -112,3 +114,20 @@ def test_weight_decay_skips_norms_and_vectors():
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(names[id(p)].endswith("norm.weight") for p in no_decay["params"])
     assert any(names[id(p)] == "layers.1.mlp.experts.gate_up_proj" for p in decay["params"])
+
+
+def test_mean_max_vio_skips_layers_that_routed_nothing():
+    # An evaluation pass without the MTP loss leaves the MTP module's MoE with no tokens: its MaxVio of 0
+    # must not pull the mean down.
+    cfg = ModelConfig.from_preset("tiny", num_hidden_layers=2, vocab_size=256)
+    model = build_model(cfg, seed=0)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16))
+    collect_load(model)
+    with torch.no_grad():
+        model.compute_loss(tokens, tokens, mtp_weight=0.0)
+    load = collect_load(model)
+    routed = {name: c for name, c in load.counts.items() if c.sum() > 0}
+    assert 0 < len(routed) < len(load.counts)  # the MTP layer routed nothing
+    expected = sum(max_violation(c) for c in routed.values()) / len(routed)
+    assert load.mean_max_vio == pytest.approx(expected)
+    assert load.mean_max_vio > sum(load.max_vio.values()) / len(load.max_vio)
