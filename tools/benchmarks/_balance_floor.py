@@ -1,0 +1,112 @@
+"""What keeps the loss-free run's held-out MaxVio_global in ``bench.py balance`` from going lower.
+
+    OMP_NUM_THREADS=1 python tools/benchmarks/_balance_floor.py [--steps N] [--gamma G] [--seed S]
+
+Trains the loss-free variant exactly as the balance bench does (tiny, bf16, 8 x 128 tokens, same seed,
+batches and schedule), then freezes the model and measures MaxVio_global (expert counts pooled over 32
+batches, mean over the MoE layers that route tokens) on three sets of batches: held-out A (the 32 after
+training), held-out B (the 32 after those) and 32 training batches from the middle of the run. For each set:
+
+* with the trained bias, and with it averaged over the last 5, 20 and 200 steps (if the sign update's
+  step-to-step dither set the imbalance, averaging would remove it);
+* ``noise``: the MaxVio a perfectly balanced router would show on the same number of batches, from each
+  expert's batch-to-batch variance of its load (the floor no bias can go under);
+* with a bias refitted on held-out A's pooled counts (sign steps of shrinking size on the frozen model): if
+  it also balances B and the training batches better than the trained bias, a better bias exists and the
+  per-batch sign update did not find it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from moelib import ModelConfig, TrainConfig
+from moelib.model.router import max_violation
+from moelib.train.data import BatchLoader, default_dataset
+from moelib.train.metrics import collect_load
+from moelib.train.trainer import Trainer
+
+BATCH, SEQ, N_EVAL = 8, 128, 32
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--gamma", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=1234)
+    args = p.parse_args()
+    cfg = ModelConfig.from_preset("tiny", aux_loss_alpha=1e-4)  # the balance bench's loss-free variant
+    tc = TrainConfig(micro_batch_size=BATCH, seq_length=SEQ, train_iters=args.steps, seed=args.seed,
+                     min_lr=min(TrainConfig.lr, TrainConfig.min_lr), bias_update_speed=args.gamma,
+                     precision={"backend": "bf16"})
+    trainer = Trainer(cfg, tc)
+    dataset = default_dataset(cfg.vocab_size, SEQ)
+    loader = BatchLoader(dataset, BATCH, seed=args.seed)
+    model = trainer.model
+    gates = {name: moe.gate for name, moe in model.moe_layers().items()}
+    history = []
+    for step in range(args.steps):
+        trainer.train_step(*loader.next_batch())
+        history = (history + [{n: g.e_score_correction_bias.clone() for n, g in gates.items()}])[-200:]
+        if step % 250 == 0:
+            print(f"step {step}", flush=True)
+
+    def batches(first: int) -> list:
+        ld = BatchLoader(dataset, BATCH, seed=args.seed, consumed_samples=first * BATCH)
+        return [ld.next_batch() for _ in range(N_EVAL)]
+
+    sets = {"held-out A": batches(args.steps), "held-out B": batches(args.steps + N_EVAL),
+            "training (middle)": batches(args.steps // 2)}
+
+    @torch.no_grad()
+    def per_batch_counts(bs: list) -> dict[str, torch.Tensor]:
+        """layer -> [batches, experts] counts, layers that routed tokens only."""
+        out: dict[str, list] = {}
+        for tokens, labels in bs:
+            with model.backend.autocast():
+                model.compute_loss(tokens, labels, mtp_weight=0.0)
+            for name, c in collect_load(model).counts.items():
+                out.setdefault(name, []).append(c.double())
+        return {n: torch.stack(c) for n, c in out.items() if sum(x.sum() for x in c) > 0}
+
+    def global_vio(counts: dict[str, torch.Tensor]) -> float:
+        return sum(max_violation(c.sum(0)) for c in counts.values()) / len(counts)
+
+    def noise_floor(counts: dict[str, torch.Tensor]) -> float:
+        gen, floors = torch.Generator().manual_seed(0), []
+        for c in counts.values():
+            sd = (c.var(0) / c.shape[0]).sqrt()  # of each expert's mean count, batches independent
+            draws = c.sum(1).mean() / c.shape[1] + torch.randn(4000, c.shape[1], generator=gen, dtype=c.dtype) * sd
+            floors.append(float(((draws.max(1).values - draws.mean(1)) / draws.mean(1)).mean()))
+        return sum(floors) / len(floors)
+
+    def set_bias(bias: dict[str, torch.Tensor]) -> None:
+        for name, g in gates.items():
+            g.e_score_correction_bias.copy_(bias[name])
+
+    collect_load(model)
+    rows = {}
+    for window in (1, 5, 20, 200):
+        set_bias({n: torch.stack([h[n] for h in history[-window:]]).mean(0) for n in gates})
+        rows[f"trained bias, mean of last {window}"] = {k: per_batch_counts(bs) for k, bs in sets.items()}
+    set_bias(history[-1])
+    step = 4 * args.gamma
+    for _ in range(14):  # refit on held-out A only
+        for name, c in per_batch_counts(sets["held-out A"]).items():
+            gates[name].update_bias(c.sum(0), step)
+        step *= 0.7
+    rows["bias refitted on held-out A"] = {k: per_batch_counts(bs) for k, bs in sets.items()}
+
+    print(f"\nMaxVio_global over {N_EVAL} batches of {BATCH} x {SEQ} tokens, loss-free gamma {args.gamma:g}, "
+          f"{args.steps} steps, seed {args.seed}")
+    print(f"{'bias':<34}" + "".join(f"{k:>20}" for k in sets))
+    for label, by_set in rows.items():
+        print(f"{label:<34}" + "".join(f"{global_vio(c):>20.4f}" for c in by_set.values()))
+    first = rows["trained bias, mean of last 1"]
+    print(f"{'noise (balanced router)':<34}" + "".join(f"{noise_floor(c):>20.4f}" for c in first.values()))
+
+
+if __name__ == "__main__":
+    main()
