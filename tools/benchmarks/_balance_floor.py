@@ -19,6 +19,7 @@ training), held-out B (the 32 after those) and 32 training batches from the midd
 from __future__ import annotations
 
 import argparse
+from collections import deque
 
 import torch
 
@@ -46,10 +47,10 @@ def main() -> None:
     loader = BatchLoader(dataset, BATCH, seed=args.seed)
     model = trainer.model
     gates = {name: moe.gate for name, moe in model.moe_layers().items()}
-    history = []
+    history = deque(maxlen=200)  # the bias after each of the last 200 steps
     for step in range(args.steps):
         trainer.train_step(*loader.next_batch())
-        history = (history + [{n: g.e_score_correction_bias.clone() for n, g in gates.items()}])[-200:]
+        history.append({n: g.e_score_correction_bias.clone() for n, g in gates.items()})
         if step % 250 == 0:
             print(f"step {step}", flush=True)
 
@@ -89,7 +90,7 @@ def main() -> None:
     collect_load(model)
     rows = {}
     for window in (1, 5, 20, 200):
-        set_bias({n: torch.stack([h[n] for h in history[-window:]]).mean(0) for n in gates})
+        set_bias({n: torch.stack([h[n] for h in list(history)[-window:]]).mean(0) for n in gates})
         rows[f"trained bias, mean of last {window}"] = {k: per_batch_counts(bs) for k, bs in sets.items()}
     set_bias(history[-1])
     step = 4 * args.gamma
