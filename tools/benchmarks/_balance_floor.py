@@ -1,10 +1,10 @@
 """What keeps the loss-free run's held-out MaxVio_global in ``bench.py balance`` from going lower.
 
-    OMP_NUM_THREADS=1 python tools/benchmarks/_balance_floor.py [--steps N] [--gamma G] [--seed S]
+    OMP_NUM_THREADS=1 python tools/benchmarks/_balance_floor.py [bench.py balance's options]
 
-Trains the loss-free variant exactly as the balance bench does (tiny, bf16, 8 x 128 tokens, same seed,
-batches and schedule), then freezes the model and measures MaxVio_global (expert counts pooled over 32
-batches, mean over the MoE layers that route tokens) on three sets of batches: held-out A (the 32 after
+Trains the balance bench's loss-free variant through the bench's own set-up (same options and defaults,
+except 2500 steps and V3's gamma 1e-3), then freezes the model and measures MaxVio_global (expert counts
+pooled over 32 batches, mean over the MoE layers that route tokens) on three sets of batches: held-out A (the 32 after
 training), held-out B (the 32 after those) and 32 training batches from the middle of the run. For each set:
 
 * with the trained bias, and with it averaged over the last 5, 20 and 200 steps (if the sign update's
@@ -19,32 +19,31 @@ training), held-out B (the 32 after those) and 32 training batches from the midd
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import deque
+from pathlib import Path
 
 import torch
 
-from moelib import ModelConfig, TrainConfig
-from moelib.model.router import max_violation
-from moelib.train.data import BatchLoader, default_dataset
-from moelib.train.metrics import collect_load
-from moelib.train.trainer import Trainer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `benchmarks` importable
+from benchmarks import balance  # noqa: E402
+from moelib import ModelConfig  # noqa: E402
+from moelib.model.router import max_violation  # noqa: E402
+from moelib.train.data import BatchLoader  # noqa: E402
+from moelib.train.metrics import collect_load  # noqa: E402
 
-BATCH, SEQ, N_EVAL = 8, 128, 32
+N_EVAL = 32
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=2500)
-    p.add_argument("--gamma", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=1234)
+    balance.add_args(p)  # the bench's own options; its first --gamma is the loss-free run probed here
+    p.set_defaults(steps=2500, gamma=[1e-3])
     args = p.parse_args()
-    cfg = ModelConfig.from_preset("tiny", aux_loss_alpha=1e-4)  # the balance bench's loss-free variant
-    tc = TrainConfig(micro_batch_size=BATCH, seq_length=SEQ, train_iters=args.steps, seed=args.seed,
-                     min_lr=min(TrainConfig.lr, TrainConfig.min_lr), bias_update_speed=args.gamma,
-                     precision={"backend": "bf16"})
-    trainer = Trainer(cfg, tc)
-    dataset = default_dataset(cfg.vocab_size, SEQ)
-    loader = BatchLoader(dataset, BATCH, seed=args.seed)
+    if args.val_batches < 2 * N_EVAL:
+        raise SystemExit(f"_balance_floor: --val-batches must be at least {2 * N_EVAL} (two held-out sets)")
+    cfg = ModelConfig.from_preset(args.preset, aux_loss_alpha=args.free_alpha)
+    trainer, dataset, loader = balance.setup(cfg, args.gamma[0], args)
     model = trainer.model
     gates = {name: moe.gate for name, moe in model.moe_layers().items()}
     history = deque(maxlen=200)  # the bias after each of the last 200 steps
@@ -55,7 +54,7 @@ def main() -> None:
             print(f"step {step}", flush=True)
 
     def batches(first: int) -> list:
-        ld = BatchLoader(dataset, BATCH, seed=args.seed, consumed_samples=first * BATCH)
+        ld = BatchLoader(dataset, args.batch, seed=args.seed, consumed_samples=first * args.batch)
         return [ld.next_batch() for _ in range(N_EVAL)]
 
     sets = {"held-out A": batches(args.steps), "held-out B": batches(args.steps + N_EVAL),
@@ -93,14 +92,15 @@ def main() -> None:
         set_bias({n: torch.stack([h[n] for h in list(history)[-window:]]).mean(0) for n in gates})
         rows[f"trained bias, mean of last {window}"] = {k: per_batch_counts(bs) for k, bs in sets.items()}
     set_bias(history[-1])
-    step = 4 * args.gamma
+    step = 4 * args.gamma[0]
     for _ in range(14):  # refit on held-out A only
         for name, c in per_batch_counts(sets["held-out A"]).items():
             gates[name].update_bias(c.sum(0), step)
         step *= 0.7
     rows["bias refitted on held-out A"] = {k: per_batch_counts(bs) for k, bs in sets.items()}
 
-    print(f"\nMaxVio_global over {N_EVAL} batches of {BATCH} x {SEQ} tokens, loss-free gamma {args.gamma:g}, "
+    print(f"\nMaxVio_global over {N_EVAL} batches of {args.batch} x {args.seq} tokens, loss-free gamma "
+          f"{args.gamma[0]:g}, "
           f"{args.steps} steps, seed {args.seed}")
     print(f"{'bias':<34}" + "".join(f"{k:>20}" for k in sets))
     for label, by_set in rows.items():

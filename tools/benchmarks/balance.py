@@ -41,7 +41,7 @@ from tqdm import tqdm
 from benchmarks import add_jobs_arg, map_jobs, result_path, write_partial
 from moelib import ModelConfig, TrainConfig
 from moelib.model.router import max_violation
-from moelib.train.data import BatchLoader, default_dataset
+from moelib.train.data import BatchLoader, PackedDataset, default_dataset
 from moelib.train.metrics import collect_load
 from moelib.train.trainer import Trainer
 
@@ -80,16 +80,20 @@ def variants(args) -> dict[str, tuple[float, float]]:
     return out
 
 
-def train(cfg: ModelConfig, gamma: float, args, name: str, position: int = 0) -> dict:
+def setup(cfg: ModelConfig, gamma: float, args) -> tuple[Trainer, PackedDataset, BatchLoader]:
+    """One variant's trainer, corpus and loader (also used by the _balance_floor probe)."""
     tc = TrainConfig(micro_batch_size=args.batch, seq_length=args.seq, train_iters=args.steps, seed=args.seed,
                      lr=args.lr, min_lr=min(args.lr, TrainConfig.min_lr), lr_warmup_iters=args.warmup,
                      bias_update_speed=gamma,
                      precision={"backend": "bf16"})
-    trainer = Trainer(cfg, tc)
     dataset = default_dataset(cfg.vocab_size, args.seq)
     if (args.steps + args.val_batches) * args.batch > len(dataset):  # held-out batches must stay in epoch 0
         raise SystemExit("balance: the corpus is too small to hold out --val-batches after --steps; lower either")
-    loader = BatchLoader(dataset, args.batch, seed=args.seed)
+    return Trainer(cfg, tc), dataset, BatchLoader(dataset, args.batch, seed=args.seed)
+
+
+def train(cfg: ModelConfig, gamma: float, args, name: str, position: int = 0) -> dict:
+    trainer, _, loader = setup(cfg, gamma, args)
     vio, loss, pooled = [], [], {}
     start = time.perf_counter()
     for step in tqdm(range(args.steps), desc=f"{name:<16}", leave=False, position=position):
