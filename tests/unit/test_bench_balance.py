@@ -8,10 +8,15 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from benchmarks import balance  # noqa: E402
+from moelib import ModelConfig  # noqa: E402
+from moelib.model.transformer import build_model  # noqa: E402
+from moelib.train.metrics import collect_load  # noqa: E402
 
 
 def args_for(out: Path, *extra: str) -> argparse.Namespace:
@@ -56,3 +61,35 @@ def test_jobs_must_be_positive(tmp_path, capsys):
     with pytest.raises(SystemExit):
         args_for(tmp_path / "r.json", "--jobs", "0")
     assert "--jobs: must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("concentration", [None, 30.0])  # multinomial batches; overdispersed ones (topics)
+def test_sampling_floor_matches_the_maxvio_of_balanced_sampling(concentration):
+    """The floor estimated from one set of batches is the MaxVio_global that pooling such batches of a
+    balanced router gives on average (simulated here), including when batches vary more than a multinomial."""
+    rng = np.random.default_rng(0)
+    experts, batches, picks, sets = 16, 32, 1024, 200
+    probs = (rng.dirichlet(np.full(experts, concentration), size=(sets, batches)) if concentration
+             else np.full((sets, batches, experts), 1 / experts))
+    counts = torch.from_numpy(np.stack([[rng.multinomial(picks, p) for p in s] for s in probs])).double()
+    truth = np.mean([balance.global_max_vio({"layer": c}) for c in counts])
+    floor = np.mean([balance.sampling_floor({"layer": c}, draws=500) for c in counts])
+    assert floor == pytest.approx(truth, rel=0.1)
+    fewer = np.mean([balance.sampling_floor({"layer": c[: batches // 4]}, draws=500) for c in counts])
+    assert fewer == pytest.approx(2 * floor, rel=0.15)  # 1/sqrt(batches)
+
+
+def test_routed_counts_pool_to_the_trainers_load_and_skip_the_mtp_layer(one_thread):
+    cfg = ModelConfig.from_preset("tiny")
+    model = build_model(cfg, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(cfg.vocab_size, (2, 32), generator=gen),) * 2 for _ in range(3)]
+    counts, losses = balance.routed_counts(model, batches)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    mtp = [name for name in model.moe_layers() if name.startswith("mtp")]
+    assert mtp and not set(mtp) & set(counts) and len(counts) == len(model.moe_layers()) - len(mtp)
+    assert all(c.shape == (3, cfg.n_routed_experts) for c in counts.values())
+    with torch.no_grad():
+        for tokens, labels in batches:
+            model.compute_loss(tokens, labels, mtp_weight=0.0)
+    assert balance.global_max_vio(counts) == collect_load(model).mean_max_vio

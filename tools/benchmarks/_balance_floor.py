@@ -28,9 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `benchmarks` importable
 from benchmarks import balance  # noqa: E402
 from moelib import ModelConfig  # noqa: E402
-from moelib.model.router import max_violation  # noqa: E402
 from moelib.train.data import BatchLoader  # noqa: E402
-from moelib.train.metrics import collect_load  # noqa: E402
 
 N_EVAL = 32
 
@@ -60,33 +58,13 @@ def main() -> None:
     sets = {"held-out A": batches(args.steps), "held-out B": batches(args.steps + N_EVAL),
             "training (middle)": batches(args.steps // 2)}
 
-    @torch.no_grad()
     def per_batch_counts(bs: list) -> dict[str, torch.Tensor]:
-        """layer -> [batches, experts] counts, layers that routed tokens only."""
-        out: dict[str, list] = {}
-        for tokens, labels in bs:
-            with model.backend.autocast():
-                model.compute_loss(tokens, labels, mtp_weight=0.0)
-            for name, c in collect_load(model).counts.items():
-                out.setdefault(name, []).append(c.double())
-        return {n: torch.stack(c) for n, c in out.items() if sum(x.sum() for x in c) > 0}
-
-    def global_vio(counts: dict[str, torch.Tensor]) -> float:
-        return sum(max_violation(c.sum(0)) for c in counts.values()) / len(counts)
-
-    def noise_floor(counts: dict[str, torch.Tensor]) -> float:
-        gen, floors = torch.Generator().manual_seed(0), []
-        for c in counts.values():
-            sd = (c.var(0) / c.shape[0]).sqrt()  # of each expert's mean count, batches independent
-            draws = c.sum(1).mean() / c.shape[1] + torch.randn(4000, c.shape[1], generator=gen, dtype=c.dtype) * sd
-            floors.append(float(((draws.max(1).values - draws.mean(1)) / draws.mean(1)).mean()))
-        return sum(floors) / len(floors)
+        return balance.routed_counts(model, bs)[0]
 
     def set_bias(bias: dict[str, torch.Tensor]) -> None:
         for name, g in gates.items():
             g.e_score_correction_bias.copy_(bias[name])
 
-    collect_load(model)
     rows = {}
     for window in (1, 5, 20, 200):
         set_bias({n: torch.stack([h[n] for h in list(history)[-window:]]).mean(0) for n in gates})
@@ -104,9 +82,9 @@ def main() -> None:
           f"{args.steps} steps, seed {args.seed}")
     print(f"{'bias':<34}" + "".join(f"{k:>20}" for k in sets))
     for label, by_set in rows.items():
-        print(f"{label:<34}" + "".join(f"{global_vio(c):>20.4f}" for c in by_set.values()))
+        print(f"{label:<34}" + "".join(f"{balance.global_max_vio(c):>20.4f}" for c in by_set.values()))
     first = rows["trained bias, mean of last 1"]
-    print(f"{'noise (balanced router)':<34}" + "".join(f"{noise_floor(c):>20.4f}" for c in first.values()))
+    print(f"{'noise (balanced router)':<34}" + "".join(f"{balance.sampling_floor(c):>20.4f}" for c in first.values()))
 
 
 if __name__ == "__main__":
