@@ -57,10 +57,14 @@ def test_stopped_run_keeps_finished_variants(tmp_path, monkeypatch):
     assert kept["args"]["steps"] == 3
 
 
-def test_jobs_must_be_positive(tmp_path, capsys):
+@pytest.mark.parametrize("option, value, message", [
+    ("--jobs", "0", "--jobs: must be at least 1, got 0"),
+    ("--val-batches", "1", "--val-batches: must be at least 2, got 1"),
+])
+def test_counts_below_their_minimum_are_refused(tmp_path, capsys, option, value, message):
     with pytest.raises(SystemExit):
-        args_for(tmp_path / "r.json", "--jobs", "0")
-    assert "--jobs: must be at least 1, got 0" in capsys.readouterr().err
+        args_for(tmp_path / "r.json", option, value)
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("concentration", [None, 30.0])  # multinomial batches; overdispersed ones (topics)

@@ -23,14 +23,19 @@ def result_path(args, variant: str = "") -> Path:
     return RESULTS / ("-".join(p for p in (args.command, variant, datetime.date.today().isoformat()) if p) + ".json")
 
 
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an int of at least ``low``; argparse names the option in the error."""
+    def parse(text: str) -> int:
+        n = int(text)
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}")
+        return n
+    return parse
+
+
 def add_jobs_arg(p: argparse.ArgumentParser, what: str) -> None:
     """``--jobs N``: runs at once, in separate processes sharing the threads (results do not depend on N)."""
-    def positive(text: str) -> int:
-        n = int(text)
-        if n < 1:
-            raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-        return n
-    p.add_argument("--jobs", type=positive, default=1, help=f"{what} trained at once, in separate processes "
+    p.add_argument("--jobs", type=int_at_least(1), default=1, help=f"{what} trained at once, in separate processes "
                    "sharing the threads (each one's numbers do not depend on it)")
 
 

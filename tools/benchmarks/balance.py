@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from benchmarks import add_jobs_arg, map_jobs, result_path, write_partial
+from benchmarks import add_jobs_arg, int_at_least, map_jobs, result_path, write_partial
 from moelib import ModelConfig, TrainConfig
 from moelib.model.router import max_violation
 from moelib.train.data import BatchLoader, PackedDataset, default_dataset
@@ -67,7 +67,8 @@ def add_args(p) -> None:
     p.add_argument("--aux-alphas", default="1e-2,1e-1", help="comma-separated alphas of aux-loss-only runs; "
                    "the first is the headline baseline")
     p.add_argument("--last", type=int, default=50, help="final steps averaged")
-    p.add_argument("--val-batches", type=int, default=64, help="held-out batches for MaxVio_global and the loss")
+    p.add_argument("--val-batches", type=int_at_least(2), default=64,
+                   help="held-out batches for MaxVio_global, its sampling floor (needs two) and the loss")
     add_jobs_arg(p, "variants")
 
 
