@@ -60,6 +60,7 @@ def test_stopped_run_keeps_finished_variants(tmp_path, monkeypatch):
 @pytest.mark.parametrize("option, value, message", [
     ("--jobs", "0", "--jobs: must be at least 1, got 0"),
     ("--val-batches", "1", "--val-batches: must be at least 2, got 1"),
+    ("--last", "0", "--last: must be at least 1, got 0"),
 ])
 def test_counts_below_their_minimum_are_refused(tmp_path, capsys, option, value, message):
     with pytest.raises(SystemExit):

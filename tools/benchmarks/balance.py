@@ -66,7 +66,7 @@ def add_args(p) -> None:
     p.add_argument("--free-alpha", type=float, default=1e-4, help="sequence-wise alpha kept by the loss-free run")
     p.add_argument("--aux-alphas", default="1e-2,1e-1", help="comma-separated alphas of aux-loss-only runs; "
                    "the first is the headline baseline")
-    p.add_argument("--last", type=int, default=50, help="final steps averaged")
+    p.add_argument("--last", type=int_at_least(1), default=50, help="final steps averaged")
     p.add_argument("--val-batches", type=int_at_least(2), default=64,
                    help="held-out batches for MaxVio_global, its sampling floor (needs two) and the loss")
     add_jobs_arg(p, "variants")
@@ -100,7 +100,7 @@ def setup(cfg: ModelConfig, gamma: float, args) -> tuple[Trainer, PackedDataset,
 
 def train(cfg: ModelConfig, gamma: float, args, name: str, position: int = 0) -> dict:
     trainer, _, loader = setup(cfg, gamma, args)
-    vio, loss, pooled = [], [], {}
+    vio, loss, last_counts = [], [], {}
     start = time.perf_counter()
     for step in tqdm(range(args.steps), desc=f"{name:<16}", leave=False, position=position):
         r = trainer.train_step(*loader.next_batch())
@@ -108,9 +108,9 @@ def train(cfg: ModelConfig, gamma: float, args, name: str, position: int = 0) ->
         loss.append(r.lm_loss)
         if step >= args.steps - args.last:
             for layer, c in trainer.last_load.counts.items():
-                pooled[layer] = pooled.get(layer, 0) + c
+                last_counts.setdefault(layer, []).append(c)
     last = min(args.last, args.steps)
-    pooled_vio = sum(max_violation(c) for c in pooled.values()) / max(1, len(pooled))
+    pooled_vio = global_max_vio({layer: torch.stack(c) for layer, c in last_counts.items()})
     val_vio, val_floor, val_loss = validate(trainer.model, loader, args)
     return {"gamma": gamma, "alpha": cfg.aux_loss_alpha, "max_vio": vio, "lm_loss": loss,
             "max_vio_last": sum(vio[-last:]) / last, "max_vio_pooled_last": pooled_vio,
