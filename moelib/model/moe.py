@@ -37,6 +37,15 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [S, H] sorted by expert, counts [E] rows per expert."""
+        multiple = self.backend.expert_row_multiple(x)
+        if multiple == 1:
+            return self._experts(x, counts)
+        # Zero rows in, their outputs dropped: the result and every gradient are as unpadded.
+        rows, padded = pad_groups(counts, multiple)
+        x = x.new_zeros(int(padded.sum()), x.shape[-1]).index_copy(0, rows, x)
+        return self._experts(x, padded).index_select(0, rows)
+
+    def _experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         gate, up = self.backend.grouped_linear(x, self.gate_up_proj, counts, pow2_input=True).chunk(2, dim=-1)
         return self.backend.grouped_linear(swiglu(gate, up, self.recompute_swiglu), self.down_proj, counts)
 
@@ -68,6 +77,15 @@ class GroupedExperts(nn.Module):
                     for n in _EXPERT_WEIGHTS}
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in mine
                                    and k[len(prefix):].split(".")[0].isdigit())
+
+
+def pad_groups(counts: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows grouped by ``counts`` -> (each row's index once every group is padded to a multiple of
+    ``multiple`` rows, the padded counts)."""
+    padded = (counts + multiple - 1) // multiple * multiple
+    shift = (torch.cumsum(padded, 0) - padded) - (torch.cumsum(counts, 0) - counts)
+    rows = torch.arange(int(counts.sum()), device=counts.device) + shift.repeat_interleave(counts)
+    return rows, padded
 
 
 @dataclass

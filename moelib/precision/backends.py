@@ -26,7 +26,7 @@ from torch import nn
 
 from moelib.config import PrecisionConfig
 from moelib.errors import BackendUnavailableError
-from moelib.precision.grouped import grouped_linear, linear
+from moelib.precision.grouped import expert_row_multiple, grouped_linear, linear
 from moelib.precision.linear import EMULATED, Fp8Kernels, Fp8Options, fp8_grouped_linear, fp8_linear, triton_kernels
 from moelib.precision.telemetry import telemetry_for
 
@@ -52,6 +52,10 @@ class Backend:
     def grouped_linear(self, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, *,
                        pow2_input: bool = False, name: str = "experts") -> torch.Tensor:
         return grouped_linear(x, weight, counts)
+
+    def expert_row_multiple(self, x: torch.Tensor) -> int:
+        """Pad each expert's rows to this multiple before ``grouped_linear`` (see grouped.expert_row_multiple)."""
+        return expert_row_multiple(x)
 
     @contextlib.contextmanager
     def autocast(self, device_type: str = "cpu") -> Iterator[None]:
@@ -80,6 +84,9 @@ class Fp8Backend(Backend):
     def linear(self, x: torch.Tensor, weight: torch.Tensor, *, pow2_input: bool = False,
                name: str = "linear") -> torch.Tensor:
         return fp8_linear(x, weight, self.options(pow2_input), name, self.telemetry(weight))
+
+    def expert_row_multiple(self, x: torch.Tensor) -> int:
+        return 1  # FP8 GEMMs are emulated in fp32 or run by Triton/TE kernels, which do not rebuild per shape
 
     def grouped_linear(self, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, *,
                        pow2_input: bool = False, name: str = "experts") -> torch.Tensor:

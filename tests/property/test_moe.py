@@ -17,7 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from moelib.config import ModelConfig
-from moelib.model.moe import GroupedExperts, LocalDispatcher, MoE
+from moelib.model.moe import GroupedExperts, LocalDispatcher, MoE, pad_groups
 from moelib.precision import grouped
 from moelib.precision.backends import get_backend
 from moelib.precision.grouped import grouped_linear
@@ -170,17 +170,21 @@ def reference_experts(x64, gate_up64, down64, counts, inter):
 
 
 @settings(max_examples=50, deadline=None)
-@given(counts=expert_counts(allow_empty_batch=False), hidden=SIZES, inter=SIZES, seed=SEEDS)
-@example(counts=[3, 0, 5], hidden=16, inter=8, seed=0)  # grouped_mm in both projections, an idle expert
-@example(counts=[1], hidden=8, inter=1, seed=0)  # down_proj has in_features 1
-def test_grouped_experts_fp32_forward_and_gradients(counts, hidden, inter, seed):
+@given(counts=expert_counts(allow_empty_batch=False), hidden=SIZES, inter=SIZES, seed=SEEDS,
+       multiple=st.sampled_from([1, 1, 3, 32]))
+@example(counts=[3, 0, 5], hidden=16, inter=8, seed=0, multiple=1)  # grouped_mm in both projections, an idle expert
+@example(counts=[1], hidden=8, inter=1, seed=0, multiple=1)  # down_proj has in_features 1
+@example(counts=[3, 0, 5], hidden=16, inter=8, seed=0, multiple=32)  # groups padded as bf16 on CPU pads them
+def test_grouped_experts_fp32_forward_and_gradients(counts, hidden, inter, seed, multiple):
     gen = torch.Generator().manual_seed(seed)
     n_experts, rows = len(counts), sum(counts)
-    experts = GroupedExperts(n_experts, hidden, inter, get_backend("fp32"))
+    backend = get_backend("fp32")
+    experts = GroupedExperts(n_experts, hidden, inter, backend)
     init_(experts, gen, scale=2.0)
     x = torch.randn(rows, hidden, generator=gen).requires_grad_()
     g = torch.randn(rows, hidden, generator=gen)
-    y = experts(x, torch.tensor(counts))
+    with mock.patch.object(backend, "expert_row_multiple", return_value=multiple):
+        y = experts(x, torch.tensor(counts))
     assert y.shape == (rows, hidden)
     (y * g).sum().backward()
 
@@ -194,6 +198,28 @@ def test_grouped_experts_fp32_forward_and_gradients(counts, hidden, inter, seed)
     torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
     torch.testing.assert_close(experts.gate_up_proj.grad.double(), gu64.grad, **tol)
     torch.testing.assert_close(experts.down_proj.grad.double(), d64.grad, **tol)
+
+
+@settings(max_examples=50, deadline=None)
+@given(counts=expert_counts(), multiple=st.integers(1, 40))
+def test_pad_groups_puts_each_group_at_the_start_of_its_padded_slot(counts, multiple):
+    rows, padded = pad_groups(torch.tensor(counts), multiple)
+    assert (padded % multiple == 0).all() and (padded >= torch.tensor(counts)).all()
+    assert (padded - torch.tensor(counts) < multiple).all()
+    expected, slot = [], 0
+    for c, p in zip(counts, padded.tolist()):
+        expected += range(slot, slot + c)
+        slot += p
+    assert rows.tolist() == expected
+
+
+def test_bf16_on_cpu_pads_expert_groups_and_the_others_do_not():
+    x = torch.zeros(4, 8)
+    assert get_backend("fp32").expert_row_multiple(x) == 1
+    for name in ("bf16", "fp8-emulated"):
+        backend = get_backend(name)
+        with backend.autocast():
+            assert backend.expert_row_multiple(x) == (32 if name == "bf16" else 1), name
 
 
 @settings(max_examples=25, deadline=None)

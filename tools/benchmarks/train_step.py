@@ -2,9 +2,11 @@
 
 Both models get the same weights (moelib's, written in the released layout and loaded by
 transformers), the same AdamW, and the same mixed-precision policy: fp32 weights, with bf16 compute
-under autocast for ``--dtype bf16``. Steps alternate between the two models so that drift on a shared
-machine hits both alike. Also reported: model FLOP/s as a fraction of this machine's dense matmul rate,
-measured in the same run.
+under autocast for ``--dtype bf16``. Every step takes a new batch, as training does (a repeated batch
+repeats the routing, and so the expert GEMM shapes the CPU libraries cache); step i of both models sees
+the same batch. Steps alternate between the two models so that drift on a shared machine hits both
+alike. Also reported: model FLOP/s as a fraction of this machine's dense matmul rate, measured in the
+same run.
 """
 
 from __future__ import annotations
@@ -53,13 +55,15 @@ def hf_model(model, cfg: ModelConfig):
         return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).train()
 
 
-def profile_steps(step, n: int, top: int = 12) -> list[dict]:
-    """The ``top`` operators by self CPU time over ``n`` steps: share of the total, ms and calls per step."""
+def profile_steps(step, batches, top: int = 12) -> list[dict]:
+    """The ``top`` operators by self CPU time over a step on each batch: share of the total, ms and calls
+    per step."""
     from torch.profiler import ProfilerActivity, profile
 
+    n = len(batches)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(n):
-            step()
+        for tokens in batches:
+            step(tokens)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
@@ -75,16 +79,18 @@ def run(args) -> dict:
     if args.vs_hf:
         candidates["transformers"] = hf_model(ours, cfg)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.dtype == "bf16" else contextlib.nullcontext
-    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    n_batches = args.warmup + args.steps + args.profile
+    batches = torch.randint(0, cfg.vocab_size, (n_batches, args.batch, args.seq + 1),
+                            generator=torch.Generator().manual_seed(0))
     # moelib's own optimizer; for transformers the fused AdamW its Trainer picks by default (torch >= 2.8).
     optims = {"moelib": build_optimizer(ours, TrainConfig(lr=1e-4, min_lr=1e-5))}
     if args.vs_hf:
         optims["transformers"] = torch.optim.AdamW(candidates["transformers"].parameters(), lr=1e-4,
                                                    betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
-    def step(name: str) -> float:
+    def step(name: str, tokens: torch.Tensor) -> float:
         model, opt = candidates[name], optims[name]
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
         start = time.perf_counter()
         with autocast():
             if name == "moelib":
@@ -102,7 +108,7 @@ def run(args) -> dict:
     times = {k: [] for k in candidates}
     for i in range(args.warmup + args.steps):
         for name in candidates:
-            t = step(name)
+            t = step(name, batches[i])
             if i >= args.warmup:
                 times[name].append(t)
     ntok = args.batch * args.seq
@@ -127,7 +133,8 @@ def run(args) -> dict:
     if args.profile:
         result["profile"] = {}
         for name in candidates:
-            rows = result["profile"][name] = profile_steps(functools.partial(step, name), args.profile)
+            rows = result["profile"][name] = profile_steps(functools.partial(step, name),
+                                                           batches[args.warmup + args.steps:])
             print(f"\n{name}: top operators by self CPU time over {args.profile} profiled steps")
             print(f"{'operator':<58}{'share':>8}{'ms/step':>9}{'calls/step':>12}")
             for r in rows:
