@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from moelib.precision import weight_cache
-from moelib.precision.linear import _weight_grad_or_defer
+from moelib.precision.linear import accumulate_weight_grad, add_mm_, compute_dtype
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -47,11 +47,6 @@ def _forward_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, offsets: l
     return _mm_groups(a, b, offsets)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
 def expert_row_multiple(x: torch.Tensor) -> int:
     """The multiple each expert's row count is padded to before the grouped GEMMs on ``x``.
 
@@ -60,7 +55,7 @@ def expert_row_multiple(x: torch.Tensor) -> int:
     ``small`` step were rebuilt (0.3 ms each, measured); padded to 32 rows only a few dozen shapes
     exist. fp32 GEMMs (MKL) and GPUs gain nothing from it, so they get 1.
     """
-    return 32 if x.device.type == "cpu" and _compute_dtype(x) == torch.bfloat16 else 1
+    return 32 if x.device.type == "cpu" and compute_dtype(x) == torch.bfloat16 else 1
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -84,19 +79,15 @@ class _GroupedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _forward_mm(grad_out, weight, offs, offsets).to(ctx.x_dtype)
 
-        def weight_grad() -> torch.Tensor:
-            grad_w = torch.empty_like(weight)
+        def add_weight_grad(grad_w: torch.Tensor) -> None:
             start = 0
             for i, end in enumerate(offsets):
                 if end > start:
-                    torch.mm(grad_out[start:end].t(), x[start:end], out=grad_w[i])
-                else:
-                    grad_w[i].zero_()
+                    add_mm_(grad_w[i], grad_out[start:end].t(), x[start:end])
                 start = end
-            return grad_w
 
         if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad_or_defer(ctx.weight, weight_grad)
+            grad_w = accumulate_weight_grad(ctx.weight, add_weight_grad)
         return grad_x, grad_w, None, None
 
 
@@ -107,7 +98,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
     Under autocast both operands are cast to the autocast dtype, as a Linear would be.
     """
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         return _GroupedLinear.apply(x, weight, offs, dtype)
 
@@ -129,13 +120,13 @@ class _Linear(torch.autograd.Function):
         grad_x = (grad_out @ weight).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad_or_defer(
-                ctx.weight, lambda: grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1]))
+            grad_w = accumulate_weight_grad(ctx.weight, lambda g: add_mm_(
+                g, grad_out.reshape(-1, grad_out.shape[-1]).t(), x.reshape(-1, x.shape[-1])))
         return grad_x, grad_w, None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y = x @ weight.T in the autocast dtype (or x's), with a deferrable weight gradient."""
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         return _Linear.apply(x, weight, dtype)

@@ -159,6 +159,37 @@ def _accumulate(weight: torch.Tensor, grad: torch.Tensor) -> None:
             weight.grad += grad
 
 
+def accumulate_weight_grad(weight: torch.Tensor, add_into: Callable[[torch.Tensor], None]) -> torch.Tensor | None:
+    """``add_into(weight.grad)`` adds dW straight into the fp32 gradient, now or in WeightGradStore's W
+    step, and autograd gets None: as Megatron's gradient-accumulation fusion, no whole dW in the compute
+    dtype is made, cast to fp32 and added again (those two passes over the routed experts' gradients
+    took 3x their GEMMs' time on CPU). A weight that is not a leaf gets its dW returned instead."""
+    if not weight.is_leaf:
+        grad = torch.zeros_like(weight)
+        add_into(grad)
+        return grad
+
+    def run() -> None:
+        with torch.no_grad():
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            add_into(weight.grad)
+
+    if WeightGradStore.enabled:
+        WeightGradStore.put(run)
+    else:
+        run()
+    return None
+
+
+def add_mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b, in one GEMM when the dtypes agree (fp32), else the product rounded to a's dtype."""
+    if out.dtype == a.dtype:
+        out.addmm_(a, b)
+    else:
+        out.add_(torch.mm(a, b))
+
+
 def _weight_grad_or_defer(weight: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor | None:
     """dW now (returned to autograd), or queued in WeightGradStore (None to autograd)."""
     if WeightGradStore.enabled and weight.is_leaf:
@@ -167,8 +198,8 @@ def _weight_grad_or_defer(weight: torch.Tensor, compute: Callable[[], torch.Tens
     return compute().to(weight.dtype)
 
 
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    """What a Linear would return here: the autocast dtype under autocast, else the input's dtype."""
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """What a Linear computes in and returns here: the autocast dtype under autocast, else x's dtype."""
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
@@ -186,7 +217,7 @@ class Fp8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, opts: Fp8Options, name: str, telemetry: Fp8Telemetry | None):
-        k, out_dtype = opts.kernels, _out_dtype(x)
+        k, out_dtype = opts.kernels, compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])
         with torch.autocast(x.device.type, enabled=False):
             qx, sx = k.quantize(x2, ACT, pow2_scale=opts.pow2_x, name=f"{name} input")
@@ -264,7 +295,7 @@ class Fp8GroupedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, counts, opts: Fp8Options, name: str, telemetry: Fp8Telemetry | None):
-        k, out_dtype = opts.kernels, _out_dtype(x)
+        k, out_dtype = opts.kernels, compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             qx, sx = k.quantize(x, ACT, pow2_scale=opts.pow2_x, name=f"{name} input")
             w = weight.detach()

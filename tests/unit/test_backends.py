@@ -112,3 +112,38 @@ def test_high_precision_weight_grads_can_be_deferred(precision):
     dx, dw, dwe, before = run(True)
     assert before == (None, None)
     assert torch.equal(gx, dx) and torch.equal(gw, dw) and torch.equal(gwe, dwe)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_high_precision_weight_grads_accumulate_into_the_kept_buffer(precision):
+    """dW is added straight into ``weight.grad`` (the trainer's kept buffer, not replaced) over micro-batches;
+    a weight that is not a leaf still gets its gradient through autograd."""
+    backend = get_backend(precision)
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(12, 16, generator=gen) for _ in range(2)]
+    w = torch.randn(8, 16, generator=gen, requires_grad=True)
+    we = torch.randn(3, 8, 16, generator=gen, requires_grad=True)
+    base = torch.randn(8, 16, generator=gen, requires_grad=True)  # used through a non-leaf view of it
+    counts = torch.tensor([5, 0, 7])
+    w.grad, we.grad = torch.zeros_like(w), torch.zeros_like(we)
+    kept = (w.grad.data_ptr(), we.grad.data_ptr())
+    for x in xs:
+        with backend.autocast("cpu"):
+            y = (backend.linear(x, w).sum() + backend.grouped_linear(x, we, counts).sum()
+                 + backend.linear(x, base * 2).sum())
+        y.backward()
+    assert (w.grad.data_ptr(), we.grad.data_ptr()) == kept
+
+    def ref(x64):  # d(sum of outputs)/dW: every output row's gradient is ones
+        groups = torch.repeat_interleave(torch.arange(3), counts)
+        dwe = torch.stack([torch.ones(int(c), 8, dtype=torch.float64).t() @ x64[groups == e] for e, c in
+                           enumerate(counts)])
+        return torch.ones(12, 8, dtype=torch.float64).t() @ x64, dwe
+
+    # Against the inputs as the GEMMs see them; bf16 then rounds each micro-batch's dW (|dW| <~ 10) once.
+    seen = [x.to(backend.compute_dtype).double() for x in xs]
+    dw, dwe = sum(ref(x)[0] for x in seen), sum(ref(x)[1] for x in seen)
+    tol = dict(rtol=1e-5, atol=1e-5) if precision == "fp32" else dict(rtol=1e-2, atol=2 * 10 * 2**-8)
+    torch.testing.assert_close(w.grad.double(), dw, **tol)
+    torch.testing.assert_close(we.grad.double(), dwe, **tol)
+    torch.testing.assert_close(base.grad.double(), 2 * dw, **tol)
