@@ -18,6 +18,7 @@ from moelib.model.mlp import MLP
 from moelib.model.recompute import SwiGLUCache, recomputing, swiglu
 from moelib.model.router import Router, sequence_balance_loss
 from moelib.precision.backends import Backend
+from moelib.precision.linear import compute_dtype
 
 _EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
@@ -200,10 +201,14 @@ class MoE(nn.Module):
     # the dispatch and combine all-to-alls between them.
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, T, H] -> (tokens [N, H], expert indices [N, k], gate weights [N, k], scores [N, E])."""
+        """x [B, T, H] -> (tokens [N, H], expert indices [N, k], gate weights [N, k], scores [N, E]).
+
+        The router sees x as it is (fp32 in V3); the tokens come back in the experts' compute dtype, which
+        their GEMMs would cast them to anyway, so the dispatch moves (and sends) half the bytes under bf16.
+        """
         flat = x.reshape(-1, x.shape[-1])
         indices, weights, scores = self.gate(flat)
-        return flat, indices, weights, scores
+        return flat.to(compute_dtype(flat)), indices, weights, scores
 
     def finish(self, flat: torch.Tensor, routed_out: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor,
                counts: torch.Tensor, shape: torch.Size) -> torch.Tensor:

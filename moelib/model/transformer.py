@@ -10,11 +10,11 @@ import zlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moelib.config import ModelConfig, PrecisionConfig
 from moelib.errors import DataError
+from moelib.model.loss import IGNORE_INDEX, linear_cross_entropy
 from moelib.model.mla import MLA
 from moelib.model.mlp import MLP
 from moelib.model.moe import MoE
@@ -22,8 +22,6 @@ from moelib.model.norm import RMSNorm
 from moelib.model.recompute import checkpoint, should_recompute
 from moelib.model.rope import rope_attention_factor, rope_cos_sin, rope_inv_freq
 from moelib.precision.backends import Backend, get_backend
-
-IGNORE_INDEX = -100
 
 
 class DecoderLayer(nn.Module):
@@ -146,12 +144,12 @@ class Transformer(nn.Module):
         stage passes the embedding it shares with the first stage."""
         embedding = embedding if embedding is not None else self.embed_tokens
         h = self.norm(h)
-        lm_loss = cross_entropy(self.lm_head(h), labels)
+        lm_loss = linear_cross_entropy(h, self.lm_head.weight, labels)
         mtp_losses = []
         for k, module in enumerate(self.mtp if mtp_weight > 0 else (), start=1):
             next_tokens = shift_left(labels, k - 1, 0).clamp(min=0)
             h = module(h, embedding(next_tokens), cos, sin)
-            mtp_losses.append(cross_entropy(self.lm_head(h), shift_left(labels, k, IGNORE_INDEX)))
+            mtp_losses.append(linear_cross_entropy(h, self.lm_head.weight, shift_left(labels, k, IGNORE_INDEX)))
         loss = lm_loss
         if mtp_losses:
             loss = loss + mtp_weight / len(mtp_losses) * torch.stack(mtp_losses).sum()
@@ -174,10 +172,6 @@ def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
         bad = tokens[(tokens < 0) | (tokens >= vocab_size)][0]
         raise DataError(f"token id {int(bad)} is outside the vocabulary [0, {vocab_size}) of ModelConfig.vocab_size")
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def _tensor_seed(seed: int, name: str) -> int:
