@@ -8,10 +8,10 @@ Queries come from their own low-rank latent (or a plain projection when q_lora_r
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moelib.config import ModelConfig
+from moelib.model.attention import causal_attention
 from moelib.model.norm import RMSNorm
 from moelib.model.recompute import checkpoint, keep_attention_core, should_recompute
 from moelib.model.rope import apply_rope, softmax_scale
@@ -68,11 +68,4 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).expand(-1, -1, self.n_heads, -1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
         k = torch.cat([k_nope, k_pe.to(k_nope.dtype)], dim=-1).transpose(1, 2)
-        # Attention core: high precision in V3 (bf16 under autocast, never FP8). The fused (flash) SDPA
-        # kernels want v's head dim equal to q's; MLA's is smaller (V3: 128 vs 192), which would send SDPA to
-        # its unfused math path (8x slower fwd+bwd on CPU in fp32). Zero columns in v leave the other
-        # columns of the output unchanged, so pad v and drop them again.
-        pad = q.shape[-1] - self.v_dim
-        v = F.pad(v, (0, pad)) if pad > 0 else v
-        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
-        return out[..., : self.v_dim] if pad > 0 else out
+        return causal_attention(q, k, v.transpose(1, 2), self.scale)

@@ -8,8 +8,8 @@
                - MLA keeps only its latents (the q_a_proj output, the kv_a_proj_with_mqa output) and the
                  attention core's results; the up-projections q_b_proj / kv_b_proj, their norms, RoPE and
                  the q/k/v that feed the attention core are recomputed in backward. The attention core
-                 itself is not: where SDPA runs a fused kernel its output and logsumexp are kept, on the
-                 math fallback (CPU, or q and v head dims that differ) its softmax probabilities;
+                 itself is not: where SDPA runs a fused kernel its output and logsumexp are kept, where
+                 the unfused core runs (moelib.model.attention: CPU) its softmax probabilities;
                - SwiGLU keeps gate and up (in FP8, 1×128 tiles, under an FP8 backend, as V3 does for the
                  MoE) and recomputes silu(gate)·up.
     full       every decoder layer keeps only its input and is rerun in backward. Where the pipeline's
@@ -100,7 +100,7 @@ def _ops(*names: str) -> frozenset:
 
 
 # The fused SDPA kernels return what their backward needs besides q, k, v (output, logsumexp, RNG state);
-# the math fallback keeps its softmax probabilities. Keeping these means the attention core is not rerun.
+# the unfused core (moelib.model.attention) and SDPA's math fallback keep their softmax probabilities. Keeping these means the attention core is not rerun.
 _ATTENTION_CORE = _ops("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
                        "_scaled_dot_product_fused_attention_overrideable", "_safe_softmax", "_softmax")
