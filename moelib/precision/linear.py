@@ -183,11 +183,15 @@ def accumulate_weight_grad(weight: torch.Tensor, add_into: Callable[[torch.Tenso
 
 
 def add_mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out += a @ b, in one GEMM when the dtypes agree (fp32), else the product rounded to a's dtype."""
+    """out += a @ b, in one GEMM when the dtypes agree (fp32), else the product rounded to a's dtype and
+    added ~1 MB of ``out`` at a time, while it is in cache (one add of a [16k, 512] bf16 product into fp32
+    took 1.5x the time of its GEMM on CPU)."""
     if out.dtype == a.dtype:
         out.addmm_(a, b)
-    else:
-        out.add_(torch.mm(a, b))
+        return
+    rows = max(1, (1 << 20) // (out.element_size() * out.shape[-1]))
+    for r in range(0, out.shape[0], rows):
+        out[r:r + rows].add_(torch.mm(a[r:r + rows], b))
 
 
 def _weight_grad_or_defer(weight: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor | None:
