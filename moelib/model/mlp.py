@@ -7,6 +7,7 @@ from torch import nn
 
 from moelib.model.recompute import SwiGLUCache, swiglu
 from moelib.precision.backends import Backend, Linear
+from moelib.precision.linear import compute_dtype, shared_input
 
 
 class MLP(nn.Module):
@@ -20,4 +21,9 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter, hidden, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.recompute_swiglu))
+        # One copy of the input serves both projections, as in V3's fused gate+up GEMM: cast once to the
+        # compute dtype, quantised once under FP8, and saved once for backward.
+        x = x.to(compute_dtype(x))
+        with shared_input(x):
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(swiglu(gate, up, self.recompute_swiglu))

@@ -43,8 +43,7 @@ class GroupedExperts(nn.Module):
             return self._experts(x, counts)
         # Zero rows in, their outputs dropped: the result and every gradient are as unpadded.
         rows, padded = pad_groups(counts, multiple)
-        x = x.new_zeros(int(padded.sum()), x.shape[-1]).index_copy(0, rows, x)
-        return self._experts(x, padded).index_select(0, rows)
+        return self._experts(_PadRows.apply(x, rows, int(padded.sum())), padded).index_select(0, rows)
 
     def _experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         gate, up = self.backend.grouped_linear(x, self.gate_up_proj, counts, pow2_input=True).chunk(2, dim=-1)
@@ -78,6 +77,21 @@ class GroupedExperts(nn.Module):
                     for n in _EXPERT_WEIGHTS}
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in mine
                                    and k[len(prefix):].split(".")[0].isdigit())
+
+
+class _PadRows(torch.autograd.Function):
+    """x's rows placed at ``rows`` of a zero [total, H] tensor. Keeps only ``rows`` for backward (index_copy
+    would keep x as well: one more copy of the routed tokens per MoE layer)."""
+
+    @staticmethod
+    def forward(ctx, x, rows, total):
+        ctx.save_for_backward(rows)
+        return x.new_zeros(total, x.shape[-1]).index_copy_(0, rows, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        return grad.index_select(0, rows), None, None
 
 
 def pad_groups(counts: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:

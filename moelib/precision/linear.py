@@ -19,6 +19,7 @@ The weight-grad GEMM can be deferred through ``WeightGradStore`` (Zero Bubble's 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -216,6 +217,36 @@ def _wgrad_operands(k: Fp8Kernels, dy: torch.Tensor, qx: torch.Tensor, sx: torch
     return qg, sg, qxt, sxt
 
 
+class _SharedInput(threading.local):
+    x: torch.Tensor | None = None
+    quantized: dict | None = None
+
+
+_shared = _SharedInput()
+
+
+@contextlib.contextmanager
+def shared_input(x: torch.Tensor) -> Iterator[None]:
+    """FP8 Linears called on this very tensor inside the block quantise it once and save that one copy for
+    backward: an MLP's gate and up projections, which V3 runs as one GEMM on one FP8 copy of the input."""
+    prev = (_shared.x, _shared.quantized)
+    _shared.x, _shared.quantized = x, {}
+    try:
+        yield
+    finally:
+        _shared.x, _shared.quantized = prev
+
+
+def _quantize_input(k: Fp8Kernels, x: torch.Tensor, pow2: bool, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x2 = x.reshape(-1, x.shape[-1])
+    if x is not _shared.x:
+        return k.quantize(x2, ACT, pow2_scale=pow2, name=f"{name} input")
+    key = (id(k), pow2)
+    if key not in _shared.quantized:
+        _shared.quantized[key] = k.quantize(x2, ACT, pow2_scale=pow2, name=f"{name} input")
+    return _shared.quantized[key]
+
+
 class Fp8LinearFunction(torch.autograd.Function):
     """y = x·weightᵀ with all three GEMMs in FP8. apply(x, weight, options, name, telemetry)."""
 
@@ -224,7 +255,7 @@ class Fp8LinearFunction(torch.autograd.Function):
         k, out_dtype = opts.kernels, compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])
         with torch.autocast(x.device.type, enabled=False):
-            qx, sx = k.quantize(x2, ACT, pow2_scale=opts.pow2_x, name=f"{name} input")
+            qx, sx = _quantize_input(k, x, opts.pow2_x, name)
             w = weight.detach()
             qw, sw = _quantized_weight(k, weight, opts.pow2_scales, name)
             y = k.fp8_gemm(qx, sx, qw, sw, out_dtype)

@@ -9,6 +9,8 @@ by at most |a|·E_bᵀ + E_a·|b|ᵀ + E_a·E_bᵀ plus fp32 arithmetic, γ_(128
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -123,6 +125,46 @@ def test_input_cached_in_fp8_not_bf16():
     cached = sum(t.numel() * t.element_size() for t in activations)
     assert cached == 132 * 200 + 132 * 2 * 4
     assert cached <= 0.55 * x.numel() * 2  # vs the bf16 input a bf16 Linear would keep
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8-emulated"])
+def test_mlp_gate_and_up_share_one_copy_of_their_input(precision, monkeypatch):
+    """An MLP's gate and up projections read one cast (bf16) or one quantisation (FP8) of the input, saved
+    once for backward; the numbers are those of two Linears quantising it each, bit for bit."""
+    from moelib.model import mlp as mlp_mod
+
+    backend = get_backend(precision)
+    torch.manual_seed(0)
+    mlp = mlp_mod.MLP(256, 128, backend)
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(3, 40, 256, requires_grad=True)
+
+    def run():
+        """Output, gradients, and how many storages of the input's size are saved for backward."""
+        x.grad = None
+        for p in mlp.parameters():
+            p.grad = None
+        saved = {}
+
+        def pack(t):
+            if t.shape[-1] == 256 and t.numel() == 120 * 256 and t.untyped_storage().data_ptr() != x.data_ptr():
+                saved[t.untyped_storage().data_ptr()] = t
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), backend.autocast("cpu"):
+            y = mlp(x)
+        y.float().square().sum().backward()
+        return y.detach(), x.grad.clone(), [p.grad.clone() for p in mlp.parameters()], len(saved)
+
+    shared = run()
+    monkeypatch.setattr(mlp_mod, "shared_input", lambda x: contextlib.nullcontext())
+    separate = run()
+    assert shared[3] == 1 and separate[3] == (2 if precision == "fp8-emulated" else 1)
+    assert torch.equal(shared[0], separate[0]) and torch.equal(shared[1], separate[1])
+    assert all(torch.equal(a, b) for a, b in zip(shared[2], separate[2]))
+    monkeypatch.setattr(mlp_mod, "compute_dtype", lambda x: x.dtype)  # each Linear casts for itself
+    assert run()[3] == 2
 
 
 def test_deferred_weight_grad_equals_immediate():
