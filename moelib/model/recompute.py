@@ -8,8 +8,10 @@
                - MLA keeps only its latents (the q_a_proj output, the kv_a_proj_with_mqa output) and the
                  attention core's results; the up-projections q_b_proj / kv_b_proj, their norms, RoPE and
                  the q/k/v that feed the attention core are recomputed in backward. The attention core
-                 itself is not: where SDPA runs a fused kernel its output and logsumexp are kept, where
-                 the unfused core runs (moelib.model.attention: CPU) its softmax probabilities;
+                 itself is not where SDPA runs a fused kernel: its output and logsumexp are kept. On
+                 CPU, moelib's unfused core (moelib.model.attention) keeps nothing and is rerun whole
+                 (its probabilities are heads·T values per token; rerunning it costs less than the
+                 fused kernel it replaces);
                - SwiGLU keeps gate and up (in FP8, 1×128 tiles, under an FP8 backend, as V3 does for the
                  MoE) and recomputes silu(gate)·up.
     full       every decoder layer keeps only its input and is rerun in backward. Where the pipeline's
@@ -100,11 +102,11 @@ def _ops(*names: str) -> frozenset:
 
 
 # The fused SDPA kernels return what their backward needs besides q, k, v (output, logsumexp, RNG state);
-# the unfused core (moelib.model.attention) and SDPA's math fallback keep their softmax probabilities.
-# Keeping these means the attention core is not rerun.
+# SDPA's math fallback keeps its softmax probabilities (_safe_softmax). Keeping these means the attention
+# core is not rerun. moelib's unfused CPU core (plain _softmax) is not in the list: it is rerun.
 _ATTENTION_CORE = _ops("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
-                       "_scaled_dot_product_fused_attention_overrideable", "_safe_softmax", "_softmax")
+                       "_scaled_dot_product_fused_attention_overrideable", "_safe_softmax")
 
 
 def _attention_core_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:

@@ -180,17 +180,24 @@ def test_bad_mode():
         apply_recompute(build("none"), "layers")
 
 
-def test_selective_keeps_the_attention_core():
-    """Selective reruns MLA's up-projections but not the attention core; full reruns the layer."""
+@pytest.mark.parametrize("core", ["fused", "unfused"])
+def test_selective_keeps_a_fused_attention_core_and_reruns_the_unfused_one(core, monkeypatch):
+    """Selective reruns MLA's up-projections but not a fused SDPA core (its output and logsumexp are kept);
+    moelib's unfused CPU core keeps nothing and is rerun; full reruns the layer."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from moelib.model import attention
     from moelib.model.recompute import _ATTENTION_CORE
+
+    if core == "fused":
+        monkeypatch.setattr(attention, "_UNFUSED_MAX_SCORES", 0)
+    counted = _ATTENTION_CORE if core == "fused" else {torch.ops.aten._softmax}
 
     class CountAttentionCore(TorchDispatchMode):
         calls = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls += func.overloadpacket in _ATTENTION_CORE  # a fused SDPA kernel or the math path's softmax
+            self.calls += func.overloadpacket in counted
             return func(*args, **(kwargs or {}))
 
     calls = {}
@@ -198,4 +205,5 @@ def test_selective_keeps_the_attention_core():
         with CountAttentionCore() as counter:
             run_layer(build(mode), "dense")
         calls[mode] = counter.calls
-    assert calls == {"none": 1, "selective": 1, "full": 2}
+    assert calls == ({"none": 1, "selective": 1, "full": 2} if core == "fused" else
+                     {"none": 1, "selective": 2, "full": 2})
