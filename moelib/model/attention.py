@@ -3,7 +3,9 @@
 Two implementations of the same function. On CPU, while the scores fit in 64 MB, ``_UnfusedAttention``:
 batched GEMMs and an fp32 softmax, with the backward written out. torch's CPU flash kernel took twice as
 long forward + backward on the ``small`` preset (15.5 vs 6–7.5 ms a layer in bf16, 12 % of a training
-step), and it needs v's head dim equal to q's. Elsewhere, or for longer sequences, SDPA's fused kernels.
+step), and it needs v's head dim equal to q's. It keeps its probabilities for backward (heads · T values
+per token), except in a selective-recompute region, which keeps nothing of it and reruns it
+(moelib.model.recompute). Elsewhere, or for longer sequences, SDPA's fused kernels.
 """
 
 from __future__ import annotations
