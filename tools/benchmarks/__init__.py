@@ -7,6 +7,8 @@ import datetime
 import json
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -48,6 +50,18 @@ def write_partial(path: Path, record: dict) -> None:
     os.replace(tmp, path)
 
 
+def _init_worker(threads: int, parent: int) -> None:
+    torch.set_num_threads(threads)
+
+    def exit_with_parent() -> None:
+        # A killed benchmark cannot shut its pool down, and its workers would train on for nobody.
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
+
+
 def map_jobs(fn: Callable, calls: Sequence[tuple], jobs: int) -> Iterator[tuple[int, object]]:
     """Yield (i, fn(*calls[i])) as each call finishes: in order in this process when ``jobs`` <= 1, otherwise
     ``jobs`` at a time in worker processes that share this process's threads. Each call must build its own
@@ -59,7 +73,7 @@ def map_jobs(fn: Callable, calls: Sequence[tuple], jobs: int) -> Iterator[tuple[
     threads = max(1, torch.get_num_threads() // jobs)
     # spawn, not fork: a forked child would inherit the parent's OpenMP thread pool state.
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+                             initializer=_init_worker, initargs=(threads, os.getpid())) as pool:
         futures = {pool.submit(fn, *call): i for i, call in enumerate(calls)}
         for f in as_completed(futures):
             yield futures[f], f.result()
