@@ -152,14 +152,6 @@ class WeightGradStore:
         cls._cache, cls._queue = [], deque()
 
 
-def _accumulate(weight: torch.Tensor, grad: torch.Tensor) -> None:
-    with torch.no_grad():
-        if weight.grad is None:
-            weight.grad = grad
-        else:
-            weight.grad += grad
-
-
 def accumulate_weight_grad(weight: torch.Tensor, add_into: Callable[[torch.Tensor], None]) -> torch.Tensor | None:
     """``add_into(weight.grad)`` adds dW straight into the fp32 gradient, now or in WeightGradStore's W
     step, and autograd gets None: as Megatron's gradient-accumulation fusion, no whole dW in the compute
@@ -193,14 +185,6 @@ def add_mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     rows = max(1, (1 << 20) // (out.element_size() * out.shape[-1]))
     for r in range(0, out.shape[0], rows):
         out[r:r + rows].add_(torch.mm(a[r:r + rows], b))
-
-
-def _weight_grad_or_defer(weight: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor | None:
-    """dW now (returned to autograd), or queued in WeightGradStore (None to autograd)."""
-    if WeightGradStore.enabled and weight.is_leaf:
-        WeightGradStore.put(lambda: _accumulate(weight, compute().to(weight.dtype)))
-        return None
-    return compute().to(weight.dtype)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -237,8 +221,9 @@ def shared_input(x: torch.Tensor) -> Iterator[None]:
         _shared.x, _shared.quantized = prev
 
 
-def _quantize_input(k: Fp8Kernels, x: torch.Tensor, pow2: bool, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    x2 = x.reshape(-1, x.shape[-1])
+def _quantize_input(k: Fp8Kernels, x: torch.Tensor, x2: torch.Tensor, pow2: bool,
+                    name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2 (x as [tokens, features]) in 1×128 tiles; once per ``shared_input`` block when x is its tensor."""
     if x is not _shared.x:
         return k.quantize(x2, ACT, pow2_scale=pow2, name=f"{name} input")
     key = (id(k), pow2)
@@ -255,7 +240,7 @@ class Fp8LinearFunction(torch.autograd.Function):
         k, out_dtype = opts.kernels, compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])
         with torch.autocast(x.device.type, enabled=False):
-            qx, sx = _quantize_input(k, x, opts.pow2_x, name)
+            qx, sx = _quantize_input(k, x, x2, opts.pow2_x, name)
             w = weight.detach()
             qw, sw = _quantized_weight(k, weight, opts.pow2_scales, name)
             y = k.fp8_gemm(qx, sx, qw, sw, out_dtype)
@@ -264,6 +249,7 @@ class Fp8LinearFunction(torch.autograd.Function):
             telemetry.record("input", x2, qx, ACT)
             telemetry.record("weight", w, qw, WEIGHT)
         ctx.save_for_backward(qx, sx, weight)
+        ctx.weight = weight  # the parameter object itself, whose .grad dW goes into (a saved tensor may be a copy)
         ctx.opts, ctx.name, ctx.x_shape, ctx.x_dtype = opts, name, x.shape, x.dtype
         ctx.telemetry = telemetry if sampled else None
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -285,8 +271,8 @@ class Fp8LinearFunction(torch.autograd.Function):
                     ctx.telemetry.record("grad", dy, qg, ACT)
             if ctx.needs_input_grad[1]:
                 ops = _wgrad_operands(k, dy, qx, sx, opts.pow2_scales, opts.pow2_x, name)
-                grad_w = _weight_grad_or_defer(
-                    weight, lambda: k.fp8_gemm(ops[0], ops[1], ops[2], ops[3], torch.float32, b_block=ACT))
+                grad_w = accumulate_weight_grad(ctx.weight, lambda g: g.add_(
+                    k.fp8_gemm(ops[0], ops[1], ops[2], ops[3], torch.float32, b_block=ACT)))
         return grad_x, grad_w, None, None, None
 
 
@@ -341,6 +327,7 @@ class Fp8GroupedLinearFunction(torch.autograd.Function):
             telemetry.record("input", x, qx, ACT)
             telemetry.record("weight", w, qw, WEIGHT)
         ctx.save_for_backward(qx, sx, weight, counts)
+        ctx.weight = weight
         ctx.opts, ctx.name, ctx.x_dtype = opts, name, x.dtype
         ctx.telemetry = telemetry if sampled else None
         return y
@@ -368,13 +355,11 @@ class Fp8GroupedLinearFunction(torch.autograd.Function):
                                                           opts.pow2_x, name)))
                     start += size
 
-                def compute() -> torch.Tensor:
-                    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                def add_weight_grad(grad_w: torch.Tensor) -> None:
                     for e, ops in groups:
-                        dw[e] = k.fp8_gemm(ops[0], ops[1], ops[2], ops[3], torch.float32, b_block=ACT)
-                    return dw
+                        grad_w[e].add_(k.fp8_gemm(ops[0], ops[1], ops[2], ops[3], torch.float32, b_block=ACT))
 
-                grad_w = _weight_grad_or_defer(weight, compute)
+                grad_w = accumulate_weight_grad(ctx.weight, add_weight_grad)
         return grad_x, grad_w, None, None, None, None
 
 

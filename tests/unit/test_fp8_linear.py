@@ -333,3 +333,20 @@ def test_unavailable_backends_fail_at_start(monkeypatch):
         pytest.skip("Transformer Engine runs here, so fp8-te is available")
     with pytest.raises(BackendUnavailableError, match="fp8-te cannot run here: .*use fp8-"):
         build_model(ModelConfig.from_preset("tiny"), "fp8-te")
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_weight_grad_reaches_the_parameter_under_saved_tensor_hooks(defer):
+    """Saved-tensor hooks (activation checkpointing, offloading) may hand backward a new tensor object for
+    the saved weight: dW must still land on the parameter, immediate or deferred, dense or grouped."""
+    w = torch.nn.Parameter(torch.randn(128, 256) * 0.05)
+    we = torch.nn.Parameter(torch.randn(2, 128, 256) * 0.05)
+    x = torch.randn(6, 256, requires_grad=True)
+    WeightGradStore.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), lambda t: t):
+        y = fp8_linear(x, w).sum() + fp8_grouped_linear(x, we, torch.tensor([2, 4])).sum()
+    with WeightGradStore.deferred() if defer else contextlib.nullcontext():
+        y.backward()
+    WeightGradStore.pop_all()
+    assert w.grad is not None and we.grad is not None
+    assert w.grad.abs().sum() > 0 and we.grad.abs().sum() > 0
