@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from moelib.precision import weight_cache
-from moelib.precision.linear import accumulate_weight_grad, add_mm_, compute_dtype
+from moelib.precision.linear import compute_dtype
+from moelib.precision.weight_grad import accumulate_weight_grad, add_mm_
 
 IGNORE_INDEX = -100
 _CHUNK_BYTES = 4 << 20  # fp32 logits per chunk: a few MB stay in L2
@@ -64,7 +65,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h = (grad_logits @ w).to(ctx.h_dtype).mul_(grad_loss).view(ctx.h_shape)
         if ctx.needs_input_grad[1]:
             scaled = rows * grad_loss.to(rows.dtype)
-            grad_w = accumulate_weight_grad(ctx.weight, lambda g: add_mm_(g, grad_logits.t(), scaled))
+            grad_w = accumulate_weight_grad(ctx.weight, lambda g, accumulate: add_mm_(
+                g, grad_logits.t(), scaled, accumulate))
         return grad_h, grad_w, None, None
 
 

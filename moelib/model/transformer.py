@@ -14,6 +14,7 @@ from torch import nn
 
 from moelib.config import ModelConfig, PrecisionConfig
 from moelib.errors import DataError
+from moelib.model.embedding import embedding_lookup
 from moelib.model.loss import IGNORE_INDEX, linear_cross_entropy
 from moelib.model.mla import MLA
 from moelib.model.mlp import MLP
@@ -108,7 +109,7 @@ class Transformer(nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         check_token_ids(tokens, self.cfg.vocab_size)
-        return self.embed_tokens(tokens)
+        return embedding_lookup(tokens, self.embed_tokens.weight)
 
     def decoder(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         for layer in self.layers.values():
@@ -142,13 +143,13 @@ class Transformer(nn.Module):
                   sin: torch.Tensor, embedding: nn.Embedding | None = None) -> LossOutput:
         """The losses from the last decoder layer's output: final norm, head, MTP depths. A pipeline's last
         stage passes the embedding it shares with the first stage."""
-        embedding = embedding if embedding is not None else self.embed_tokens
+        emb = embedding if embedding is not None else self.embed_tokens
         h = self.norm(h)
         lm_loss = linear_cross_entropy(h, self.lm_head.weight, labels)
         mtp_losses = []
         for k, module in enumerate(self.mtp if mtp_weight > 0 else (), start=1):
             next_tokens = shift_left(labels, k - 1, 0).clamp(min=0)
-            h = module(h, embedding(next_tokens), cos, sin)
+            h = module(h, embedding_lookup(next_tokens, emb.weight), cos, sin)
             mtp_losses.append(linear_cross_entropy(h, self.lm_head.weight, shift_left(labels, k, IGNORE_INDEX)))
         loss = lm_loss
         if mtp_losses:

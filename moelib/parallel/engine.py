@@ -26,6 +26,7 @@ from moelib.parallel.pipeline.runtime import PipelineRuntime
 from moelib.parallel.pipeline.schedule import build_schedule
 from moelib.parallel.pipeline.stage import PipelineStage, build_stage, split_layers
 from moelib.parallel.zero import ZeroAdamW
+from moelib.precision.weight_grad import fresh_grads
 from moelib.train.ema import ParameterEMA
 from moelib.train.optimizer import moment_dtype_of
 from moelib.train.schedules import lr_at
@@ -133,7 +134,9 @@ class ParallelTrainer:
             group["lr"] = lr
         self.runtime.mtp_weight = cfg.mtp_loss_weight if mtp_weight is None else mtp_weight
         gamma = cfg.bias_update_speed if bias_update_speed is None else bias_update_speed
-        stats = self.runtime.step(batches)
+        params = {id(p): p for model in self.models.values() for p in model.parameters()}.values()
+        with fresh_grads(params):  # every micro-batch's gradients summed from zero, without a zeroing pass
+            stats = self.runtime.step(batches)
         # The losses live on the ranks that ran last stages; sum over the pipeline, average over DP.
         aux = sum(m.pop_aux_loss() for model in self.models.values() for m in model.moe_layers().values())
         losses = torch.tensor([stats.loss, stats.lm_loss, stats.mtp_loss, float(aux)], dtype=torch.float64)
@@ -150,7 +153,6 @@ class ParallelTrainer:
             max_vio = float("nan")
         else:
             self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=False)  # keep the buffers, as the single-process Trainer does
             counts = self.sync.update_router_biases(gamma)
             self.step += 1
             if self.ema is not None:

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from moelib.precision import weight_cache
-from moelib.precision.linear import accumulate_weight_grad, add_mm_, compute_dtype
+from moelib.precision.linear import compute_dtype
+from moelib.precision.weight_grad import accumulate_weight_grad, add_mm_
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -79,15 +80,17 @@ class _GroupedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _forward_mm(grad_out, weight, offs, offsets).to(ctx.x_dtype)
 
-        def add_weight_grad(grad_w: torch.Tensor) -> None:
+        def write_weight_grad(grad_w: torch.Tensor, accumulate: bool) -> None:
             start = 0
             for i, end in enumerate(offsets):
                 if end > start:
-                    add_mm_(grad_w[i], grad_out[start:end].t(), x[start:end])
+                    add_mm_(grad_w[i], grad_out[start:end].t(), x[start:end], accumulate)
+                elif not accumulate:
+                    grad_w[i].zero_()  # an expert without tokens
                 start = end
 
         if ctx.needs_input_grad[1]:
-            grad_w = accumulate_weight_grad(ctx.weight, add_weight_grad)
+            grad_w = accumulate_weight_grad(ctx.weight, write_weight_grad)
         return grad_x, grad_w, None, None
 
 
@@ -120,8 +123,8 @@ class _Linear(torch.autograd.Function):
         grad_x = (grad_out @ weight).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = accumulate_weight_grad(ctx.weight, lambda g: add_mm_(
-                g, grad_out.reshape(-1, grad_out.shape[-1]).t(), x.reshape(-1, x.shape[-1])))
+            grad_w = accumulate_weight_grad(ctx.weight, lambda g, accumulate: add_mm_(
+                g, grad_out.reshape(-1, grad_out.shape[-1]).t(), x.reshape(-1, x.shape[-1]), accumulate))
         return grad_x, grad_w, None
 
 

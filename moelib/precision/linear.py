@@ -13,14 +13,13 @@ master) is saved as the Parameter (no copy) and re-quantised in backward, which 
 blocks bit for bit. Autocast is switched off inside: the fp8 partial products must be summed in fp32,
 and autocast would run them in bf16.
 
-The weight-grad GEMM can be deferred through ``WeightGradStore`` (Zero Bubble's B/W split).
+The weight-grad GEMM goes straight into ``weight.grad`` and can be deferred (moelib.precision.weight_grad).
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ import torch
 
 from moelib.precision import fp8, weight_cache
 from moelib.precision.telemetry import Fp8Telemetry
+from moelib.precision.weight_grad import accumulate_weight_grad, write_
 
 TILE = fp8.TILE
 ACT, WEIGHT = (1, TILE), (TILE, TILE)
@@ -68,123 +68,6 @@ class Fp8Options:
     @property
     def pow2_x(self) -> bool:
         return self.pow2_scales or self.pow2_input
-
-
-class WeightGradStore:
-    """Deferred weight-grad GEMMs for the zero-bubble B/W split, with DualPipe's interface.
-
-    While ``enabled``, an FP8 Linear's backward computes dX only and ``put``s a closure that computes dW
-    and accumulates it into ``weight.grad``. ``flush()`` closes the closures queued so far into one group
-    (one micro-batch's backward); ``pop()`` runs the oldest group, ``pop_all()`` every group. The closure
-    holds the fp8 operands (dYᵀ quantised at once, the input's fp8 cache), not the bf16 gradient.
-    Each ``deferred()`` block queues exactly one group, empty when nothing was deferred (the bf16 and fp32
-    backends compute dW inside backward), so a schedule can pair every deferred B with one ``pop()``.
-    Weights that are not leaves (a cast or view) cannot receive a ``.grad`` later, so theirs is computed
-    at once.
-    """
-
-    enabled = False
-    _cache: list[Callable[[], None]] = []
-    _queue: deque[list[Callable[[], None]]] = deque()
-
-    @classmethod
-    @contextlib.contextmanager
-    def deferred(cls) -> Iterator[None]:
-        """Queue weight grads for the backward passes run inside; the group is flushed on exit."""
-        prev, cls.enabled = cls.enabled, True
-        try:
-            yield
-        finally:
-            cls.enabled = prev
-            cls._queue.append(cls._cache)
-            cls._cache = []
-
-    @classmethod
-    @contextlib.contextmanager
-    def deferring(cls, enabled: bool) -> Iterator[None]:
-        """Queue (or not) the weight grads of the backward passes run inside, without closing a group:
-        a pipeline runs one micro-batch's backward in several pieces, then calls ``end_group``."""
-        prev, cls.enabled = cls.enabled, enabled
-        try:
-            yield
-        finally:
-            cls.enabled = prev
-
-    @classmethod
-    def end_group(cls) -> None:
-        """Close the group of weight grads queued so far, even an empty one, so that each deferring
-        backward has exactly one group for its W to pop."""
-        cls._queue.append(cls._cache)
-        cls._cache = []
-
-    @classmethod
-    def put(cls, fn: Callable[[], None]) -> None:
-        cls._cache.append(fn)
-
-    @classmethod
-    def flush(cls) -> None:
-        if cls._cache:
-            cls._queue.append(cls._cache)
-            cls._cache = []
-
-    @classmethod
-    def pop(cls) -> None:
-        """Run the oldest flushed group of weight-grad GEMMs."""
-        if not cls._queue:
-            raise RuntimeError("WeightGradStore.pop: no deferred weight-grad group is queued (flush first).")
-        with torch.no_grad():  # a W step is a backward computation, whoever calls it
-            for fn in cls._queue.popleft():
-                fn()
-
-    @classmethod
-    def pop_all(cls) -> None:
-        cls.flush()
-        while cls._queue:
-            cls.pop()
-
-    @classmethod
-    def pending(cls) -> int:
-        """Groups queued (plus one for closures not yet flushed)."""
-        return len(cls._queue) + bool(cls._cache)
-
-    @classmethod
-    def clear(cls) -> None:
-        cls._cache, cls._queue = [], deque()
-
-
-def accumulate_weight_grad(weight: torch.Tensor, add_into: Callable[[torch.Tensor], None]) -> torch.Tensor | None:
-    """``add_into(weight.grad)`` adds dW straight into the fp32 gradient, now or in WeightGradStore's W
-    step, and autograd gets None: as Megatron's gradient-accumulation fusion, no whole dW in the compute
-    dtype is made, cast to fp32 and added again (those two passes over the routed experts' gradients
-    took 3x their GEMMs' time on CPU). A weight that is not a leaf gets its dW returned instead."""
-    if not weight.is_leaf:
-        grad = torch.zeros_like(weight)
-        add_into(grad)
-        return grad
-
-    def run() -> None:
-        with torch.no_grad():
-            if weight.grad is None:
-                weight.grad = torch.zeros_like(weight)
-            add_into(weight.grad)
-
-    if WeightGradStore.enabled:
-        WeightGradStore.put(run)
-    else:
-        run()
-    return None
-
-
-def add_mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out += a @ b, in one GEMM when the dtypes agree (fp32), else the product rounded to a's dtype and
-    added ~1 MB of ``out`` at a time, while it is in cache (one add of a [16k, 512] bf16 product into fp32
-    took 1.5x the time of its GEMM on CPU)."""
-    if out.dtype == a.dtype:
-        out.addmm_(a, b)
-        return
-    rows = max(1, (1 << 20) // (out.element_size() * out.shape[-1]))
-    for r in range(0, out.shape[0], rows):
-        out[r:r + rows].add_(torch.mm(a[r:r + rows], b))
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -271,8 +154,8 @@ class Fp8LinearFunction(torch.autograd.Function):
                     ctx.telemetry.record("grad", dy, qg, ACT)
             if ctx.needs_input_grad[1]:
                 ops = _wgrad_operands(k, dy, qx, sx, opts.pow2_scales, opts.pow2_x, name)
-                grad_w = accumulate_weight_grad(ctx.weight, lambda g: g.add_(
-                    k.fp8_gemm(ops[0], ops[1], ops[2], ops[3], torch.float32, b_block=ACT)))
+                grad_w = accumulate_weight_grad(ctx.weight, lambda g, accumulate: write_(
+                    g, k.fp8_gemm(ops[0], ops[1], ops[2], ops[3], torch.float32, b_block=ACT), accumulate))
         return grad_x, grad_w, None, None, None
 
 
@@ -355,11 +238,13 @@ class Fp8GroupedLinearFunction(torch.autograd.Function):
                                                           opts.pow2_x, name)))
                     start += size
 
-                def add_weight_grad(grad_w: torch.Tensor) -> None:
+                def write_weight_grad(grad_w: torch.Tensor, accumulate: bool) -> None:
+                    if not accumulate:
+                        grad_w.zero_()  # experts without tokens get zeros; the rest are added onto them
                     for e, ops in groups:
                         grad_w[e].add_(k.fp8_gemm(ops[0], ops[1], ops[2], ops[3], torch.float32, b_block=ACT))
 
-                grad_w = accumulate_weight_grad(ctx.weight, add_weight_grad)
+                grad_w = accumulate_weight_grad(ctx.weight, write_weight_grad)
         return grad_x, grad_w, None, None, None, None
 
 

@@ -13,6 +13,7 @@ from moelib.config import ModelConfig, TrainConfig
 from moelib.model.recompute import apply_recompute
 from moelib.model.transformer import Transformer, build_model
 from moelib.precision import weight_cache
+from moelib.precision.weight_grad import fresh_grads
 from moelib.train.ema import ParameterEMA
 from moelib.train.metrics import LoadStats, collect_load
 from moelib.train.optimizer import build_optimizer
@@ -52,16 +53,15 @@ class Trainer:
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with weight_cache.reuse():  # FP8 backward reuses the forward's quantised weights
+        # FP8 backward reuses the forward's quantised weights; the gradients start from zero and keep their
+        # buffers, without a zeroing pass (fresh_grads).
+        with weight_cache.reuse(), fresh_grads(model.parameters()):
             with model.backend.autocast(self.device.type):
                 out = model.compute_loss(tokens, labels, cfg.mtp_loss_weight)
             out.loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else
                                                    float("inf"))
         self.optimizer.step()
-        # Zeroing the gradients in place keeps their buffers for the next step: allocating fresh ones (32 MB
-        # for small's embedding) cost more than the zeroing in `bench.py train-step` (BENCHMARKS.md).
-        self.optimizer.zero_grad(set_to_none=False)
         load = collect_load(model)
         if cfg.bias_update_speed > 0:
             for name, moe in model.moe_layers().items():

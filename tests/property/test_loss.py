@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from moelib.model import loss as loss_mod
 from moelib.model.loss import IGNORE_INDEX, linear_cross_entropy
-from moelib.precision.linear import WeightGradStore
+from moelib.precision.weight_grad import WeightGradStore
 
 
 def reference(h, w, labels, scale):

@@ -12,9 +12,10 @@ from moelib.config import PRECISION_BACKENDS
 from moelib.model import build_model
 from moelib.model.mla import MLA
 from moelib.precision.backends import Backend, Fp8Backend, get_backend
-from moelib.precision.linear import EMULATED, WeightGradStore
+from moelib.precision.linear import EMULATED
 from moelib.precision.te import te_unavailable_reason
 from moelib.precision.telemetry import collect_telemetry
+from moelib.precision.weight_grad import WeightGradStore
 from moelib.train.trainer import Trainer
 
 

@@ -22,12 +22,12 @@ from moelib.precision.backends import Linear, get_backend, name_linears
 from moelib.precision.linear import (
     EMULATED,
     Fp8Options,
-    WeightGradStore,
     fp8_grouped_linear,
     fp8_linear,
     triton_kernels,
 )
 from moelib.precision.telemetry import collect_telemetry
+from moelib.precision.weight_grad import WeightGradStore
 
 SLACK = 1 + 2.0**-16
 U = 2.0**-24

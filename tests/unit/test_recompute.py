@@ -10,8 +10,8 @@ from moelib.model import build_model
 from moelib.model.recompute import MODES, apply_recompute
 from moelib.parallel.pipeline.segments import backward_steps, drain, forward_steps
 from moelib.parallel.pipeline.stage import PipelineStage, StageSpec
-from moelib.precision.linear import WeightGradStore
 from moelib.precision.telemetry import collect_telemetry
+from moelib.precision.weight_grad import WeightGradStore
 
 SMALL = dict(vocab_size=300, hidden_size=48, num_hidden_layers=3, intermediate_size=64, moe_intermediate_size=24,
              n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2, q_lora_rank=24, kv_lora_rank=16,

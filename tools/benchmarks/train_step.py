@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from moelib import ModelConfig, TrainConfig
 from moelib.model import build_model
+from moelib.precision.weight_grad import fresh_grads
 from moelib.train.hf_format import to_hf_config, to_hf_state_dict
 from moelib.train.metrics import measure_matmul_flops, model_flops_per_token
 from moelib.train.optimizer import build_optimizer
@@ -92,17 +93,20 @@ def run(args) -> dict:
         model, opt = candidates[name], optims[name]
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         start = time.perf_counter()
-        with autocast():
-            if name == "moelib":
-                # The main-model loss only, as transformers computes it (MTP off for a like-for-like step).
-                loss = model.compute_loss(inputs, labels, mtp_weight=0.0).lm_loss
-            else:
-                loss = model(inputs, labels=tokens[:, :-1].contiguous(),
-                             shift_labels=labels.contiguous()).loss
-        loss.backward()
+        # Gradients as each one's own trainer handles them: moelib's Trainer keeps their buffers and starts
+        # them from zero without a zeroing pass (fresh_grads), transformers' Trainer frees them after a step.
+        with fresh_grads(model.parameters()) if name == "moelib" else contextlib.nullcontext():
+            with autocast():
+                if name == "moelib":
+                    # The main-model loss only, as transformers computes it (MTP off for a like-for-like step).
+                    loss = model.compute_loss(inputs, labels, mtp_weight=0.0).lm_loss
+                else:
+                    loss = model(inputs, labels=tokens[:, :-1].contiguous(),
+                                 shift_labels=labels.contiguous()).loss
+            loss.backward()
         opt.step()
-        # Each as its own trainer does it: moelib's Trainer keeps gradient buffers, transformers' Trainer frees them.
-        opt.zero_grad(set_to_none=(name != "moelib"))
+        if name != "moelib":
+            opt.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
     times = {k: [] for k in candidates}

@@ -28,7 +28,7 @@ from moelib.parallel.pipeline.schedule import Message, Schedule
 from moelib.parallel.pipeline.segments import backward_steps, drain, forward_steps
 from moelib.parallel.pipeline.stage import PipelineStage
 from moelib.precision import weight_cache
-from moelib.precision.linear import WeightGradStore
+from moelib.precision.weight_grad import WeightGradStore
 
 _KIND = {"A": 0, "G": 1}
 

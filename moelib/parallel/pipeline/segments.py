@@ -23,7 +23,7 @@ import torch
 from moelib.model.moe import MoE
 from moelib.model.transformer import LossOutput
 from moelib.parallel.pipeline.stage import PipelineStage
-from moelib.precision.linear import WeightGradStore
+from moelib.precision.weight_grad import WeightGradStore
 
 
 @dataclass
