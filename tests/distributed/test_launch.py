@@ -43,3 +43,16 @@ def test_single_process():
     assert rc == 0, err
     assert rows(out) == [{"launcher": "single", "rank": 0, "world": 1, "local": 0, "rank_sum": 0.0}]
     assert REPO.exists()
+
+
+@pytest.mark.parametrize("message,runs", [("The PMIx server's listener thread failed to start. We cannot", 2),
+                                          ("rank 1 raised ValueError", 1)])
+def test_only_a_launcher_start_failure_is_retried(tmp_path, message, runs):
+    """The helper starts a job again only when OpenMPI failed to start it; a job that ran and failed is not."""
+    script = tmp_path / "flaky.py"
+    script.write_text(f"import pathlib, sys\nstarts = pathlib.Path({str(tmp_path / 'starts')!r})\n"
+                      "starts.write_text(starts.read_text() + 'x' if starts.exists() else 'x')\n"
+                      f"if len(starts.read_text()) == 1:\n    sys.stderr.write({message!r})\n    sys.exit(213)\n")
+    rc, _, err = run([sys.executable, str(script)], 60)
+    assert len((tmp_path / "starts").read_text()) == runs
+    assert (rc == 0) == (runs == 2) and (rc == 213) == (runs == 1)
