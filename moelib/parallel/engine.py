@@ -134,7 +134,7 @@ class ParallelTrainer:
             group["lr"] = lr
         self.runtime.mtp_weight = cfg.mtp_loss_weight if mtp_weight is None else mtp_weight
         gamma = cfg.bias_update_speed if bias_update_speed is None else bias_update_speed
-        params = {id(p): p for model in self.models.values() for p in model.parameters()}.values()
+        params = [p for model in self.models.values() for p in model.parameters()]
         with fresh_grads(params):  # every micro-batch's gradients summed from zero, without a zeroing pass
             stats = self.runtime.step(batches)
         # The losses live on the ranks that ran last stages; sum over the pipeline, average over DP.

@@ -155,7 +155,7 @@ class Fp8LinearFunction(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 ops = _wgrad_operands(k, dy, qx, sx, opts.pow2_scales, opts.pow2_x, name)
                 grad_w = accumulate_weight_grad(ctx.weight, lambda g, accumulate: write_(
-                    g, k.fp8_gemm(ops[0], ops[1], ops[2], ops[3], torch.float32, b_block=ACT), accumulate))
+                    g, k.fp8_gemm(*ops, torch.float32, b_block=ACT), accumulate))
         return grad_x, grad_w, None, None, None
 
 
@@ -230,19 +230,19 @@ class Fp8GroupedLinearFunction(torch.autograd.Function):
                 if ctx.telemetry is not None:
                     ctx.telemetry.record("grad", dy, qg, ACT)
             if ctx.needs_input_grad[1]:
-                groups, start = [], 0
-                for e, size in enumerate(counts.tolist()):
-                    if size:
-                        rows = slice(start, start + size)
-                        groups.append((e, _wgrad_operands(k, dy[rows], qx[rows], sx[rows], opts.pow2_scales,
-                                                          opts.pow2_x, name)))
+                groups, start = [], 0  # per expert: its dW operands, None without tokens
+                for size in counts.tolist():
+                    rows = slice(start, start + size)
+                    groups.append(_wgrad_operands(k, dy[rows], qx[rows], sx[rows], opts.pow2_scales, opts.pow2_x,
+                                                  name) if size else None)
                     start += size
 
                 def write_weight_grad(grad_w: torch.Tensor, accumulate: bool) -> None:
-                    if not accumulate:
-                        grad_w.zero_()  # experts without tokens get zeros; the rest are added onto them
-                    for e, ops in groups:
-                        grad_w[e].add_(k.fp8_gemm(ops[0], ops[1], ops[2], ops[3], torch.float32, b_block=ACT))
+                    for e, ops in enumerate(groups):
+                        if ops is not None:
+                            write_(grad_w[e], k.fp8_gemm(*ops, torch.float32, b_block=ACT), accumulate)
+                        elif not accumulate:
+                            grad_w[e].zero_()  # an expert without tokens
 
                 grad_w = accumulate_weight_grad(ctx.weight, write_weight_grad)
         return grad_x, grad_w, None, None, None, None

@@ -109,7 +109,7 @@ class WeightGradStore:
 # A parameter whose .grad holds an earlier step's values, to be overwritten by its first write: the
 # parameter -> that very gradient tensor (a .grad replaced since is not stale).
 _stale = WeakIdKeyDictionary()
-_hooked = WeakIdKeyDictionary()
+_hooked = WeakIdKeyDictionary()  # parameters that carry the zeroing hook -> its handle
 
 
 def _take_stale(param: torch.Tensor) -> bool:
@@ -118,15 +118,16 @@ def _take_stale(param: torch.Tensor) -> bool:
     return grad is not None and grad is param.grad
 
 
-def _zero_if_stale(ref: WeakIdRef, grad: torch.Tensor) -> None:
-    param = ref()
-    if param is not None and _take_stale(param):
-        param.grad.zero_()  # autograd is about to add into it
-
-
 def _zeroing_hook(param: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    """A tensor hook: runs just before autograd adds a gradient into ``param.grad``."""
     ref = WeakIdRef(param)  # the hook must not keep its parameter alive
-    return lambda grad: _zero_if_stale(ref, grad)
+
+    def hook(grad: torch.Tensor) -> None:
+        param = ref()
+        if param is not None and _take_stale(param):
+            param.grad.zero_()
+
+    return hook
 
 
 @contextlib.contextmanager
