@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from moelib.precision import weight_cache
+from moelib.precision import kept, weight_cache
 from moelib.precision.linear import compute_dtype
 from moelib.precision.weight_grad import accumulate_weight_grad, add_mm_
 
@@ -35,7 +35,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_grad = any(ctx.needs_input_grad[:2])
         # One GEMM for all rows (64-row GEMMs ran at 2/3 of its rate); the softmax goes chunk by chunk,
         # and each chunk's gradient overwrites the logits it came from.
-        logits = rows @ w.t()
+        # Into memory kept from the last step on CPU: the logits are the largest tensor of a step.
+        logits = torch.mm(rows, w.t(), out=kept.empty(weight, "logits", (rows.shape[0], w.shape[0]), dtype))
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         step = max(16, _CHUNK_BYTES // (4 * w.shape[0]))
         for s in range(0, rows.shape[0], step):

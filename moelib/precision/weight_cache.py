@@ -8,7 +8,7 @@ and reused, but only inside ``reuse()``, which the training step wraps around it
 stale copy: an optimizer cannot be relied on to announce its writes (torch's fused AdamW does not even
 bump the parameters' version counters). Inside, the version counter and data pointer are still checked,
 so an in-place write within the step is not missed either. Leaving the outermost ``reuse()`` drops every
-copy.
+copy; on CPU their memory is kept for the next step's casts (moelib.precision.kept).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
+
+from moelib.precision import kept
 
 # Keyed by the weight object itself (identity, not value), dropped when the weight is.
 _entries = WeakIdKeyDictionary()
@@ -31,7 +33,8 @@ def reuse() -> Iterator[None]:
     global _depth
     _depth += 1
     try:
-        yield
+        with kept.keep():
+            yield
     finally:
         _depth -= 1
         if _depth == 0:
@@ -59,4 +62,5 @@ def cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``weight.to(dtype)``, reused across the micro-batches of a step."""
     if weight.dtype == dtype:
         return weight
-    return cached(weight, ("cast", dtype), lambda: weight.detach().to(dtype))
+    return cached(weight, ("cast", dtype),
+                  lambda: kept.empty(weight, "cast", weight.shape, dtype).copy_(weight.detach()))

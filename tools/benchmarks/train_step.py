@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from moelib import ModelConfig, TrainConfig
 from moelib.model import build_model
+from moelib.precision import weight_cache
 from moelib.precision.weight_grad import fresh_grads
 from moelib.train.hf_format import to_hf_config, to_hf_state_dict
 from moelib.train.metrics import measure_matmul_flops, model_flops_per_token
@@ -74,6 +75,8 @@ def profile_steps(step, batches, top: int = 12) -> list[dict]:
 
 def run(args) -> dict:
     cfg = ModelConfig.from_preset(args.preset)
+    # moelib's trainers also call kept.tune_malloc() on CPU; not here, as it would speed up transformers' steps
+    # in this process too, and glibc's threshold rises with the two models' big frees anyway.
     torch.manual_seed(0)
     ours = build_model(cfg, "fp32", seed=0).train()
     candidates = {"moelib": ours}
@@ -89,13 +92,20 @@ def run(args) -> dict:
         optims["transformers"] = torch.optim.AdamW(candidates["transformers"].parameters(), lr=1e-4,
                                                    betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
+    @contextlib.contextmanager
+    def moelib_step():
+        with weight_cache.reuse(), fresh_grads(ours.parameters()):
+            yield
+
     def step(name: str, tokens: torch.Tensor) -> float:
         model, opt = candidates[name], optims[name]
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         start = time.perf_counter()
-        # Gradients as each one's own trainer handles them: moelib's Trainer keeps their buffers and starts
-        # them from zero without a zeroing pass (fresh_grads), transformers' Trainer frees them after a step.
-        with fresh_grads(model.parameters()) if name == "moelib" else contextlib.nullcontext():
+        # Each as its own trainer runs a step: moelib's Trainer keeps the gradient buffers and starts them from
+        # zero without a zeroing pass (fresh_grads), and its step scope (weight_cache.reuse) keeps the memory
+        # of the weights' bf16 casts and the logits for the next step; transformers' Trainer frees the
+        # gradients after a step.
+        with moelib_step() if name == "moelib" else contextlib.nullcontext():
             with autocast():
                 if name == "moelib":
                     # The main-model loss only, as transformers computes it (MTP off for a like-for-like step).
