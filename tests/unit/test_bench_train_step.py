@@ -21,3 +21,16 @@ def test_profile_lists_the_top_operators(tmp_path):
     assert 0 < sum(r["share"] for r in rows) <= 1 + 1e-9
     assert "aten::mm" in {r["op"] for r in rows}  # a training step is mostly matmuls
     assert "top operators by self CPU time" in proc.stdout
+
+
+def test_vs_hf_reports_the_ratio_of_each_step_pair(tmp_path):
+    out = tmp_path / "ts.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "train-step", "--vs-hf", "--preset",
+                           "tiny", "--dtype", "bf16", "--batch", "2", "--seq", "32", "--steps", "3", "--warmup", "0",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    ours, theirs = r["models"]["moelib"]["steps_s"], r["models"]["transformers"]["steps_s"]
+    assert r["paired_ratios"] == [b / a for a, b in zip(ours, theirs)] and len(r["paired_ratios"]) == 3
+    assert r["paired_ratio_median"] == sorted(r["paired_ratios"])[1]
+    assert "per-step pairs" in proc.stdout

@@ -143,7 +143,13 @@ def run(args) -> dict:
     if "transformers" in times:
         ratio = result["models"]["moelib"]["tokens_per_s"] / result["models"]["transformers"]["tokens_per_s"]
         result["ratio_moelib_over_transformers"] = ratio
-        print(f"moelib / transformers: {ratio:.2f}x")
+        # Each step of one model beside the other's on the same batch, seconds apart: the ratio within each
+        # pair cancels the drift of a shared machine over a run, which the ratio of medians does not.
+        paired = [t_hf / t_ours for t_ours, t_hf in zip(times["moelib"], times["transformers"])]
+        result["paired_ratios"] = paired
+        result["paired_ratio_median"] = statistics.median(paired)
+        print(f"moelib / transformers: {ratio:.2f}x  (median of the {len(paired)} per-step pairs: "
+              f"{statistics.median(paired):.2f}x, range {min(paired):.2f}-{max(paired):.2f})")
     if args.profile:
         result["profile"] = {}
         for name in candidates:
