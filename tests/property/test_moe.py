@@ -17,7 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from moelib.config import ModelConfig
-from moelib.model.moe import GroupedExperts, LocalDispatcher, MoE, pad_groups
+from moelib.model.moe import GroupedExperts, LocalDispatcher, MoE, _UnpadRows, pad_groups
 from moelib.precision import grouped
 from moelib.precision.backends import get_backend
 from moelib.precision.grouped import grouped_linear
@@ -211,6 +211,22 @@ def test_pad_groups_puts_each_group_at_the_start_of_its_padded_slot(counts, mult
         expected += range(slot, slot + c)
         slot += p
     assert rows.tolist() == expected
+
+
+@settings(max_examples=30, deadline=None)
+@given(counts=expert_counts(allow_empty_batch=False), multiple=st.integers(1, 40), seed=SEEDS)
+def test_unpadding_backward_equals_index_selects(counts, multiple, seed):
+    """_UnpadRows places the gradient rows with index_copy; index_select's own backward adds them: the same."""
+    rows, padded = pad_groups(torch.tensor(counts), multiple)
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randn(int(padded.sum()), 5, generator=gen).to(torch.bfloat16)
+    grad = torch.randn(len(rows), 5, generator=gen).to(torch.bfloat16)
+    ours, theirs = y.clone().requires_grad_(), y.clone().requires_grad_()
+    out = _UnpadRows.apply(ours, rows)
+    assert torch.equal(out, theirs.index_select(0, rows))
+    out.backward(grad)
+    theirs.index_select(0, rows).backward(grad)
+    assert torch.equal(ours.grad, theirs.grad)
 
 
 def test_bf16_on_cpu_pads_expert_groups_and_the_others_do_not():
