@@ -26,7 +26,6 @@ from moelib.parallel.pipeline.runtime import PipelineRuntime
 from moelib.parallel.pipeline.schedule import build_schedule
 from moelib.parallel.pipeline.stage import PipelineStage, build_stage, split_layers
 from moelib.parallel.zero import ZeroAdamW
-from moelib.precision import kept
 from moelib.precision.weight_grad import fresh_grads
 from moelib.train.ema import ParameterEMA
 from moelib.train.optimizer import moment_dtype_of
@@ -53,8 +52,6 @@ class ParallelTrainer:
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, par: ParallelConfig, *,
                  fp8_dispatch: bool = False, record_timeline: bool = False):
         self.env = init()
-        if torch.device(self.env.device).type == "cpu":
-            kept.tune_malloc()  # a step reuses the memory of the last one instead of faulting it in again
         self.model_cfg, self.cfg, self.par = model_cfg, cfg, par
         self.mesh = mesh = Mesh(par, model_cfg)
         self.schedule = schedule = build_schedule(par.pipeline_schedule, par.pp, par.microbatches)

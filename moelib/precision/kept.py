@@ -14,18 +14,13 @@ it and no Python name are alive. Otherwise it makes a new one and keeps that too
 and kind. Tensors are kept per owner (a weight), weakly: they go when it does, or on ``release()``.
 Outside ``keep()`` ``empty`` is ``torch.empty``.
 
-The rest of a step's tensors (attention scores, expert activations: a few MB each) come and go through
-malloc, and glibc's defaults send them back to the OS too: blocks from 128 KB up are mapped afresh until
-a freed big block raises that threshold, and the heap's free top is trimmed past twice it. ``tune_malloc``,
-which the trainers call on CPU, fixes the threshold at glibc's maximum, 32 MB, and trims only past 1 GB, so
-a step reuses the memory of the last one: page faults of a ``small`` step went from 12,700 to 3,400 with the
-kept tensors above (22,300 with neither).
+Setting glibc's thresholds instead (mallopt: map only from 32 MB, trim only past 1 GB) cut a step's page
+faults further (12,000 to 3,500) but made the step slower in three of four alternated runs; not done.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import sys
 from collections.abc import Hashable, Iterator
 
@@ -81,19 +76,3 @@ def empty(owner: torch.Tensor, kind: Hashable, shape: tuple[int, ...], dtype: to
         pool.append(fresh)
     return fresh
 
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-_tuned = False
-
-
-def tune_malloc() -> bool:
-    """Keep freed memory in this process for the next step (glibc only, once; False where not applied)."""
-    global _tuned
-    if not _tuned and sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None)
-            mallopt = libc.mallopt
-        except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-            return False
-        _tuned = bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
-    return _tuned

@@ -12,7 +12,7 @@ import torch
 from moelib.config import ModelConfig, TrainConfig
 from moelib.model.recompute import apply_recompute
 from moelib.model.transformer import Transformer, build_model
-from moelib.precision import kept, weight_cache
+from moelib.precision import weight_cache
 from moelib.precision.weight_grad import fresh_grads
 from moelib.train.ema import ParameterEMA
 from moelib.train.metrics import LoadStats, collect_load
@@ -37,8 +37,6 @@ class Trainer:
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, device: str | torch.device = "cpu",
                  model: Transformer | None = None):
         self.cfg, self.device = cfg, torch.device(device)
-        if self.device.type == "cpu":
-            kept.tune_malloc()  # a step reuses the memory of the last one instead of faulting it in again
         self.model = model if model is not None else build_model(model_cfg, cfg.precision, seed=cfg.seed)
         self.model.to(self.device)
         apply_recompute(self.model, cfg.recompute)

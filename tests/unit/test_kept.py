@@ -2,8 +2,6 @@
 training with them is bit-identical to fresh allocations, a retained graph included."""
 
 import gc
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -158,26 +156,3 @@ def test_a_retained_graph_keeps_its_tensors(monkeypatch):
     fresh = grads_of_first_step()
     assert all(torch.equal(a, b) for a, b in zip(with_kept, fresh))
 
-
-_FAULTS = """
-import resource, sys, torch
-from moelib.precision import kept
-if sys.argv[1] == "tuned":
-    assert kept.tune_malloc()
-def faults():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(4 << 20).fill_(1.0)  # 16 MB, made, touched and freed as a step's activations are
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults()
-print(faults())
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
-@pytest.mark.parametrize("mode", ["default", "tuned"])
-def test_tuned_malloc_reuses_freed_memory_without_page_faults(mode):
-    """A fresh process: under glibc's defaults a 16 MB tensor made again after a free is mapped afresh and
-    faulted in page by page (4096 pages); after tune_malloc it reuses the freed memory."""
-    out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True)
-    faults = int(out.stdout.split()[-1])
-    assert faults > 3000 if mode == "default" else faults < 100

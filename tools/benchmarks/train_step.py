@@ -75,8 +75,6 @@ def profile_steps(step, batches, top: int = 12) -> list[dict]:
 
 def run(args) -> dict:
     cfg = ModelConfig.from_preset(args.preset)
-    # moelib's trainers also call kept.tune_malloc() on CPU; not here, as it would speed up transformers' steps
-    # in this process too, and glibc's threshold rises with the two models' big frees anyway.
     torch.manual_seed(0)
     ours = build_model(cfg, "fp32", seed=0).train()
     candidates = {"moelib": ours}
