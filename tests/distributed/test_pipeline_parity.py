@@ -4,11 +4,18 @@ Each layout trains 3 steps of a small MoE model (MTP on, balance loss on, router
 every rank compares its per-step losses and its parameters with a single-process Trainer that processed the
 whole global batch at once. AdamW's eps is 1e-6 here: with 1e-8 a gradient at rounding-noise level gets a
 full-size normalised update whose sign is noise, which says nothing about the parallel code.
+
+Parameters agree to PARAM_TOL in relative norm: the worst tensor (the embedding, whose rows sum over
+micro-batches and data-parallel ranks in another order than the reference's one batch) measured up to
+1e-5 on the AMD developer machine and 1.07e-5–1.86e-5 on the Intel one (MKL's other fp32 kernels; the same
+at 239a476, before any of the recent gradient changes). A lost micro-batch of embedding gradient gives 0.59.
 """
 
 import json
 
 import pytest
+
+PARAM_TOL = 5e-5
 
 LAYOUTS = {
     "1f1b-pp2": (2, ["--pp", "2", "--microbatches", "2"]),
@@ -39,7 +46,7 @@ def test_layout_matches_single_process(mpirun, name):
     assert len(rows) == ranks
     for row in rows:
         assert row["loss_rel_err"] <= 1e-5, row
-        assert row["param_rel_err"] <= 1e-5, row
+        assert row["param_rel_err"] <= PARAM_TOL, row
         assert len(row["losses"]) == 3
 
 
@@ -50,7 +57,7 @@ def test_sixteen_ranks_dualpipe_ep_dp(mpirun):
                           "--steps", "2", timeout=600)
     assert rc == 0, err[-3000:]
     rows = results(out)
-    assert len(rows) == 16 and all(r["loss_rel_err"] <= 1e-5 and r["param_rel_err"] <= 1e-5 for r in rows)
+    assert len(rows) == 16 and all(r["loss_rel_err"] <= 1e-5 and r["param_rel_err"] <= PARAM_TOL for r in rows)
 
 
 @pytest.mark.dist
