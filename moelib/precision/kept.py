@@ -28,7 +28,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 _MAX_PER_KIND = 4  # e.g. the main loss and MTP heads each hold their logits until backward
-_kept = WeakIdKeyDictionary()  # owner -> {(kind, shape, dtype, device): [tensors]}
+_kept = WeakIdKeyDictionary()  # owner -> {(kind, shape, dtype): [tensors]}, all on the owner's device
 _depth = 0
 
 
@@ -65,7 +65,7 @@ def empty(owner: torch.Tensor, kind: Hashable, shape: tuple[int, ...], dtype: to
     per_owner = _kept.get(owner)
     if per_owner is None:
         per_owner = _kept[owner] = {}
-    pool = per_owner.setdefault((kind, tuple(shape), dtype, device), [])
+    pool = per_owner.setdefault((kind, tuple(shape), dtype), [])
     for i in range(len(pool)):
         # getrefcount counts Python names (and in recent torch C++ holders too, which hold the Python
         # object then); _use_count counts C++ holders in any torch: autograd's saved tensors, views.

@@ -37,9 +37,15 @@ def test_forward_equals_and_backward_matches_autograd(rows, dim, dtype, scale, e
 
 
 def test_gradients_of_only_one_input():
-    norm, x = RMSNorm(16), torch.randn(3, 16)
-    norm(x.clone().requires_grad_()).sum().backward()  # weight and x
+    """Each gradient alone (a frozen weight, an input that needs none) equals the textbook one."""
+    x = torch.randn(3, 16)
+    norm = RMSNorm(16)
+    norm(x).sum().backward()  # the weight's only
+    weight = norm.weight.detach().clone().requires_grad_()
+    textbook(x, weight, norm.eps).sum().backward()
+    torch.testing.assert_close(norm.weight.grad, weight.grad, rtol=1e-6, atol=1e-6)
     norm.weight.requires_grad_(False)
-    xg = x.clone().requires_grad_()
-    norm(xg).sum().backward()
-    assert xg.grad is not None
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    norm(ours).sum().backward()  # x's only
+    textbook(theirs, norm.weight, norm.eps).sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-6)
