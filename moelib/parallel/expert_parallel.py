@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moelib.errors import ConfigError
-from moelib.model.moe import MoE
+from moelib.model.moe import MoE, weighted_sum
 from moelib.precision.fp8 import TILE, dequantize, quantize
 
 _WIRE_BF16 = torch.bfloat16
@@ -356,7 +356,7 @@ class AllToAllDispatcher:
     def combine_start(self, y: torch.Tensor, state: EpDispatchState) -> CombineHandle:
         """Weight and sum this rank's expert outputs per received row, and post the send back."""
         slots = _Collect.apply(y, state.table, state.pair_flat)  # [R, k, H]
-        rows = torch.bmm(state.recv_weights.unsqueeze(1).to(y.dtype), slots).squeeze(1)
+        rows = weighted_sum(slots, state.recv_weights)
         wire = _WIRE_BF16 if self.fp8 else rows.dtype
         with torch.no_grad():
             inflight = state.route.exchange(_pack([rows.detach().to(wire)]), False, True, self.bytes_sent, "combine")

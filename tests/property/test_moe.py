@@ -17,7 +17,16 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from moelib.config import ModelConfig
-from moelib.model.moe import GroupedExperts, LocalDispatcher, MoE, _UnpadRows, pad_groups
+from moelib.model.moe import (
+    GroupedExperts,
+    LocalDispatcher,
+    MoE,
+    _PadRows,
+    _UnpadRows,
+    pad_groups,
+    sum_slots,
+    weighted_sum,
+)
 from moelib.precision import grouped
 from moelib.precision.backends import get_backend
 from moelib.precision.grouped import grouped_linear
@@ -203,7 +212,8 @@ def test_grouped_experts_fp32_forward_and_gradients(counts, hidden, inter, seed,
 @settings(max_examples=50, deadline=None)
 @given(counts=expert_counts(), multiple=st.integers(1, 40))
 def test_pad_groups_puts_each_group_at_the_start_of_its_padded_slot(counts, multiple):
-    rows, padded = pad_groups(torch.tensor(counts), multiple)
+    layout = pad_groups(torch.tensor(counts), multiple)
+    rows, padded = layout.rows, layout.counts
     assert (padded % multiple == 0).all() and (padded >= torch.tensor(counts)).all()
     assert (padded - torch.tensor(counts) < multiple).all()
     expected, slot = [], 0
@@ -211,18 +221,35 @@ def test_pad_groups_puts_each_group_at_the_start_of_its_padded_slot(counts, mult
         expected += range(slot, slot + c)
         slot += p
     assert rows.tolist() == expected
+    assert sorted(rows.tolist() + layout.padding.tolist()) == list(range(int(padded.sum())))
+    assert layout.source[rows].tolist() == list(range(len(rows)))
+
+
+@settings(max_examples=30, deadline=None)
+@given(counts=expert_counts(), multiple=st.integers(1, 40), seed=SEEDS)
+def test_padding_rows_equals_placing_them_into_zeros(counts, multiple, seed):
+    layout = pad_groups(torch.tensor(counts), multiple)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(counts), 5, generator=gen).to(torch.bfloat16).requires_grad_()
+    grad = torch.randn(int(layout.counts.sum()), 5, generator=gen).to(torch.bfloat16)
+    out = _PadRows.apply(x, layout)
+    assert torch.equal(out, x.detach().new_zeros(out.shape).index_copy_(0, layout.rows, x.detach()))
+    out.backward(grad)
+    assert torch.equal(x.grad, grad[layout.rows])
 
 
 @settings(max_examples=30, deadline=None)
 @given(counts=expert_counts(allow_empty_batch=False), multiple=st.integers(1, 40), seed=SEEDS)
 def test_unpadding_backward_equals_index_selects(counts, multiple, seed):
-    """_UnpadRows places the gradient rows with index_copy; index_select's own backward adds them: the same."""
-    rows, padded = pad_groups(torch.tensor(counts), multiple)
+    """_UnpadRows gathers the gradient rows into the padded layout; index_select's own backward adds them
+    into zeros: the same."""
+    layout = pad_groups(torch.tensor(counts), multiple)
+    rows, padded = layout.rows, layout.counts
     gen = torch.Generator().manual_seed(seed)
     y = torch.randn(int(padded.sum()), 5, generator=gen).to(torch.bfloat16)
     grad = torch.randn(len(rows), 5, generator=gen).to(torch.bfloat16)
     ours, theirs = y.clone().requires_grad_(), y.clone().requires_grad_()
-    out = _UnpadRows.apply(ours, rows)
+    out = _UnpadRows.apply(ours, layout)
     assert torch.equal(out, theirs.index_select(0, rows))
     out.backward(grad)
     theirs.index_select(0, rows).backward(grad)
@@ -297,6 +324,40 @@ def test_dispatch_combine_round_trip(n_tokens, n_experts, data, hidden, seed):
     back = disp.combine(y, disp.dispatch(x, indices, w, n_experts)[2])
     want = ((w * (indices + 1).float()).sum(-1, keepdim=True)) * x
     torch.testing.assert_close(back, want, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 12), k=st.integers(1, 8), hidden=st.integers(1, 40), seed=SEEDS,
+       dtype=st.sampled_from([torch.bfloat16, torch.float32]))
+def test_combine_sums_equal_the_batched_gemm_and_the_reduction(n, k, hidden, seed, dtype):
+    """weighted_sum is w[:, None] @ y as a batched GEMM computes it, bit for bit in bf16 (fp32 accumulation,
+    one rounding), gradients included; sum_slots is y.sum(1) accumulated in slot order."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randn(n, k, hidden, generator=gen).to(dtype)
+    w = torch.rand(n, k, generator=gen)
+    g = torch.randn(n, hidden, generator=gen).to(dtype)
+    ours_y, ours_w = y.clone().requires_grad_(), w.clone().requires_grad_()
+    bmm_y, bmm_w = y.clone().requires_grad_(), w.clone().requires_grad_()
+    out = weighted_sum(ours_y, ours_w)
+    ref = torch.bmm(bmm_w.unsqueeze(1).to(dtype), bmm_y).squeeze(1)
+    out.backward(g)
+    ref.backward(g)
+    exact = dict(rtol=0, atol=0) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    for a, b in ((out, ref), (ours_y.grad, bmm_y.grad), (ours_w.grad, bmm_w.grad)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **exact)
+    w64 = w.to(dtype).double()
+    ulp = 2**-8 if dtype == torch.bfloat16 else 2**-23
+    want = (y.double() * w64.unsqueeze(-1)).sum(1)
+    torch.testing.assert_close(out.double(), want, rtol=ulp, atol=ulp * (1 + want.abs().max().item()))
+    summed = sum_slots(y)
+    assert summed.dtype == dtype
+    # fp32 accumulation in slot order, rounded once: y.sum(1) up to its own order of accumulation.
+    acc = y[:, 0].double()
+    for j in range(1, k):
+        acc = (acc + y[:, j].double()).float().double()
+    assert torch.equal(summed, acc.to(dtype))
+    torch.testing.assert_close(summed, y.sum(1), rtol=ulp, atol=ulp * k * (1 + y.abs().max().item()))
 
 
 # ---------------------------------------------------------------------------------------------------
