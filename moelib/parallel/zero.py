@@ -28,7 +28,7 @@ import torch.distributed as dist
 from moelib.errors import CheckpointError
 from moelib.model.moe import GroupedExperts
 from moelib.parallel.grad_sync import GradSync
-from moelib.train.optimizer import adamw_update_, moment_dtype_of
+from moelib.train.optimizer import adamw_scratch, adamw_update_, moment_dtype_of
 
 # torch 2.13 renamed all_gather_into_tensor (and deprecated the old name); moelib supports torch >= 2.6.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -120,13 +120,14 @@ class ZeroAdamW:
     def step(self) -> None:
         self.step_count += 1
         t = self.step_count
+        scratch = adamw_scratch(self.buckets[0].exp_avg.device) if self.buckets else None
         for b in self.buckets:
             lr, (beta1, beta2), eps, wd = b.hyper["lr"], b.hyper["betas"], b.hyper["eps"], b.hyper["weight_decay"]
             grads = [c[0].grad if c[0].grad is not None else torch.zeros_like(c[0]) for c in b.copies]
             g = b.read_slice(grads, b.lo, b.shard)
             p = b.read_slice([c[0] for c in b.copies], b.lo, b.shard)
             # torch.optim.AdamW's single-tensor update, op for op, so the results agree to the last bit.
-            adamw_update_(p, g, b.exp_avg, b.exp_avg_sq, t, lr, beta1, beta2, eps, wd)
+            adamw_update_(p, g, b.exp_avg, b.exp_avg_sq, t, lr, beta1, beta2, eps, wd, scratch)
             b.write_full(b.gather(p))
 
     def zero_grad(self, set_to_none: bool = True) -> None:

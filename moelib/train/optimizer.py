@@ -34,24 +34,53 @@ def moment_dtype_of(name: str | torch.dtype) -> torch.dtype:
     return MOMENT_DTYPES[name]
 
 
+# Elements per piece of an update on CPU: the fp32 temporaries of a piece (512 KB each) stay in cache through
+# its dozen passes, which otherwise each stream the whole tensor through memory.
+CPU_CHUNK = 1 << 17
+
+
+def adamw_scratch(device: torch.device | str) -> torch.Tensor | None:
+    """Working memory for ``adamw_update_`` on CPU (None elsewhere, where updates run whole), made once per
+    step by a caller that updates many tensors."""
+    return torch.empty(3, CPU_CHUNK) if torch.device(device).type == "cpu" else None
+
+
 @torch.no_grad()
 def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                  step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+                  step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                  scratch: torch.Tensor | None = None) -> None:
     """One AdamW step in place on fp32 ``param`` (any shape, or a flat shard) with moments in fp32 or bf16.
 
     torch.optim.AdamW's single-tensor update op for op (decoupled weight decay, bias corrections), so
     with fp32 moments it agrees with torch to the last bit. Moments of another dtype than ``param`` are
     computed in fp32 and rounded (to nearest even) once, when stored; the update uses the unrounded values.
+    On CPU the update runs CPU_CHUNK elements at a time (every op is elementwise: the same bits), in
+    ``scratch`` (``adamw_scratch``) when given.
     """
+    tensors = (param, grad, exp_avg, exp_avg_sq)
+    if param.device.type != "cpu" or not all(t.is_contiguous() for t in tensors):
+        _adamw_piece_(*tensors, None, step, lr, beta1, beta2, eps, weight_decay)
+        return
+    if scratch is None:
+        scratch = torch.empty(3, min(CPU_CHUNK, param.numel()))
+    flat = [t.view(-1) for t in tensors]
+    for s in range(0, param.numel(), CPU_CHUNK):
+        _adamw_piece_(*(t[s:s + CPU_CHUNK] for t in flat), scratch, step, lr, beta1, beta2, eps, weight_decay)
+
+
+def _adamw_piece_(param, grad, exp_avg, exp_avg_sq, scratch, step, lr, beta1, beta2, eps, weight_decay):
+    def work(i: int) -> torch.Tensor:  # an fp32 temporary shaped like param
+        return torch.empty_like(param) if scratch is None else scratch[i, : param.numel()].view_as(param)
+
     wide = exp_avg.dtype != param.dtype
-    m = exp_avg.to(param.dtype) if wide else exp_avg
-    v = exp_avg_sq.to(param.dtype) if wide else exp_avg_sq
+    m = work(0).copy_(exp_avg) if wide else exp_avg
+    v = work(1).copy_(exp_avg_sq) if wide else exp_avg_sq
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
     m.lerp_(grad, 1 - beta1)
     v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     step_size = lr / (1 - beta1 ** step)
-    denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+    denom = torch.sqrt(v, out=work(2)).div_(math.sqrt(1 - beta2 ** step)).add_(eps)
     param.addcdiv_(m, denom, value=-step_size)
     if wide:
         exp_avg.copy_(m)
@@ -83,6 +112,7 @@ class AdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        scratch = None
         for group in self.param_groups:
             if group["amsgrad"] or group["maximize"]:
                 raise ValueError("AdamW with bf16 moments supports neither amsgrad nor maximize")
@@ -99,8 +129,10 @@ class AdamW(torch.optim.AdamW):
                     state["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
                 state["step"] = state["step"] + 1  # not in place: a loaded state dict may share it
+                if scratch is None and p.device.type == "cpu":
+                    scratch = adamw_scratch(p.device)
                 adamw_update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()),
-                              group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+                              group["lr"], beta1, beta2, group["eps"], group["weight_decay"], scratch)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:

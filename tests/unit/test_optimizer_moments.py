@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moelib import TrainConfig
+from moelib.train import optimizer
 from moelib.train.optimizer import AdamW, build_optimizer
 
 BETAS, EPS, WD = (0.9, 0.95), 1e-8, 0.1
@@ -184,3 +185,36 @@ def test_loading_converts_the_moment_dtype(saved, loaded):
             assert torch.equal(mine[key], theirs[key].to(want))  # fp32 -> bf16 rounds to nearest even
     train(model2, opt2, 1, seed=4)  # and it steps
     assert all(torch.isfinite(p).all() for p in model2.parameters())
+
+
+@pytest.mark.parametrize("moment_dtype", [torch.float32, torch.bfloat16])
+def test_update_in_cpu_pieces_equals_the_whole_tensor_update(moment_dtype):
+    """adamw_update_ runs CPU_CHUNK elements at a time on CPU: bit for bit the whole-tensor update (what runs
+    on a GPU, or for a non-contiguous tensor), and with fp32 moments torch's single-tensor AdamW, over a
+    tensor of several pieces and a ragged last one, with and without the caller's scratch."""
+    numel = 2 * optimizer.CPU_CHUNK + 1234  # even, for the transposed view below
+    p0, grads = problem((numel,), 3, seed=7)
+    whole, pieces, scratched = p0.clone(), p0.clone(), p0.clone()
+    moments = {name: [torch.zeros(numel, dtype=moment_dtype) for _ in range(2)] for name in ("whole", "pieces", "s")}
+    scratch = optimizer.adamw_scratch("cpu")
+
+    def transposed(t):  # every element, not contiguous: the update runs whole
+        return t.view(2, -1).t()
+
+    assert not transposed(whole).is_contiguous()
+    for t, g in enumerate(grads, start=1):
+        args = (t, 1e-2, *BETAS, EPS, WD)
+        optimizer.adamw_update_(transposed(whole), transposed(g), *map(transposed, moments["whole"]), *args)
+        optimizer.adamw_update_(pieces, g, *moments["pieces"], *args)
+        optimizer.adamw_update_(scratched, g, *moments["s"], *args, scratch)
+    for other in ("pieces", "s"):
+        for a, b in zip(moments["whole"], moments[other]):
+            assert torch.equal(a, b)
+    assert torch.equal(whole, pieces) and torch.equal(whole, scratched)
+    if moment_dtype == torch.float32:
+        ref = torch.nn.Parameter(p0.clone())
+        opt = torch.optim.AdamW([ref], lr=1e-2, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False)
+        for g in grads:
+            ref.grad = g.clone()
+            opt.step()
+        assert torch.equal(pieces, ref.detach())
