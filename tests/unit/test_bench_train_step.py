@@ -14,8 +14,10 @@ def test_profile_lists_the_top_operators(tmp_path):
     out = tmp_path / "ts.json"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "train-step", "--preset", "tiny",
                            "--dtype", "bf16", "--batch", "2", "--seq", "64", "--steps", "1", "--warmup", "0",
-                           "--profile", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--profile", "1", "--moments", "bf16", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(out.read_text())["moelib_moments"] == "bf16" and "moelib moments=bf16" in proc.stdout
     rows = json.loads(out.read_text())["profile"]["moelib"]
     assert len(rows) == 12 and [r["share"] for r in rows] == sorted((r["share"] for r in rows), reverse=True)
     assert 0 < sum(r["share"] for r in rows) <= 1 + 1e-9

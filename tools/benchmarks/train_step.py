@@ -39,12 +39,14 @@ def add_args(p) -> None:
     p.add_argument("--steps", type=int, default=6, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--vs-hf", action="store_true", help="also time transformers' DeepseekV3ForCausalLM")
+    p.add_argument("--moments", choices=("fp32", "bf16"), default="fp32",
+                   help="moelib's AdamW moment storage (V3: bf16); transformers keeps torch's fused fp32 AdamW")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile N more steps of each model and print where the time goes")
 
 
 def variant(args) -> str:
-    return f"{args.preset}-{args.dtype}"
+    return f"{args.preset}-{args.dtype}" + ("-bf16-moments" if args.moments == "bf16" else "")
 
 
 def hf_model(model, cfg: ModelConfig):
@@ -85,7 +87,7 @@ def run(args) -> dict:
     batches = torch.randint(0, cfg.vocab_size, (n_batches, args.batch, args.seq + 1),
                             generator=torch.Generator().manual_seed(0))
     # moelib's own optimizer; for transformers the fused AdamW its Trainer picks by default (torch >= 2.8).
-    optims = {"moelib": build_optimizer(ours, TrainConfig(lr=1e-4, min_lr=1e-5))}
+    optims = {"moelib": build_optimizer(ours, TrainConfig(lr=1e-4, min_lr=1e-5, moment_dtype=args.moments))}
     if args.vs_hf:
         optims["transformers"] = torch.optim.AdamW(candidates["transformers"].parameters(), lr=1e-4,
                                                    betas=(0.9, 0.95), weight_decay=0.1, fused=True)
@@ -127,9 +129,10 @@ def run(args) -> dict:
     mm_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     peak = measure_matmul_flops(mm_dtype)
     flops = model_flops_per_token(cfg, args.seq, with_mtp=False)
-    result = {"preset": args.preset, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
-              "matmul_gflops": peak / 1e9, "models": {}}
-    print(f"train-step  preset={args.preset} dtype={args.dtype} batch={args.batch}x{args.seq}  "
+    result = {"preset": args.preset, "dtype": args.dtype, "moelib_moments": args.moments, "batch": args.batch,
+              "seq": args.seq, "matmul_gflops": peak / 1e9, "models": {}}
+    print(f"train-step  preset={args.preset} dtype={args.dtype} moelib moments={args.moments} "
+          f"batch={args.batch}x{args.seq}  "
           f"matmul {peak / 1e9:.0f} GFLOP/s")
     print(f"{'model':<14}{'tokens/s':>12}{'step ms':>10}{'GFLOP/s':>10}{'of matmul':>11}")
     for name, ts in times.items():
