@@ -42,7 +42,7 @@ class GroupedExperts(nn.Module):
         if multiple == 1:
             return self._experts(x, counts)
         # Zero rows in, their outputs dropped: the result and every gradient are as unpadded.
-        layout = pad_groups(counts, multiple)
+        layout = pad_groups(counts, multiple, EQUAL_GROUPS_UP_TO)
         return _UnpadRows.apply(self._experts(_PadRows.apply(x, layout), layout.counts), layout)
 
     def _experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -88,9 +88,19 @@ class PaddedRows:
     padding: torch.Tensor  # the padding rows' indices
 
 
-def pad_groups(counts: torch.Tensor, multiple: int) -> PaddedRows:
-    """The layout of rows grouped by ``counts`` once each group is padded to a multiple of ``multiple``."""
+# Experts whose groups are padded to one common size run as one batched GEMM (grouped.equal_group_size),
+# ~1.6x the rate of a GEMM per expert on CPU; worth up to this factor of padded rows.
+EQUAL_GROUPS_UP_TO = 1.25
+
+
+def pad_groups(counts: torch.Tensor, multiple: int, equal_up_to: float = 1.0) -> PaddedRows:
+    """The layout of rows grouped by ``counts`` once each group is padded to a multiple of ``multiple``, or
+    every group to the largest one's padded size when that makes at most ``equal_up_to`` times the rows."""
     padded = (counts + multiple - 1) // multiple * multiple
+    if len(counts) > 1 and equal_up_to > 1:
+        largest = padded.max()
+        if int(largest) * len(counts) <= equal_up_to * int(padded.sum()):
+            padded = largest.expand_as(padded).clone()
     shift = (torch.cumsum(padded, 0) - padded) - (torch.cumsum(counts, 0) - counts)
     n, total = int(counts.sum()), int(padded.sum())
     rows = torch.arange(n, device=counts.device) + shift.repeat_interleave(counts)

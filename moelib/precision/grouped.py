@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from moelib.precision import weight_cache
 from moelib.precision.linear import compute_dtype
-from moelib.precision.weight_grad import accumulate_weight_grad, add_mm_
+from moelib.precision.weight_grad import accumulate_weight_grad, add_mm_, write_
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -42,7 +42,17 @@ def _mm_groups(a: torch.Tensor, b: torch.Tensor, offsets: list[int]) -> torch.Te
     return out
 
 
+def equal_group_size(offsets: list[int]) -> int | None:
+    """The common row count when every group has the same (non-zero) number of rows, else None."""
+    size = offsets[0] if offsets else 0
+    return size if size > 0 and all(end == size * (i + 1) for i, end in enumerate(offsets)) else None
+
+
 def _forward_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+    size = equal_group_size(offsets)
+    if size is not None:
+        # One batched GEMM: on CPU ~1.6x the rate of a GEMM per group at ~150 rows (bf16, oneDNN).
+        return torch.bmm(a.view(len(offsets), size, a.shape[-1]), b).view(a.shape[0], b.shape[-1])
     if _use_torch_grouped(a, b):
         return F.grouped_mm(a, b, offs=offs)
     return _mm_groups(a, b, offsets)
@@ -81,6 +91,12 @@ class _GroupedLinear(torch.autograd.Function):
             grad_x = _forward_mm(grad_out, weight, offs, offsets).to(ctx.x_dtype)
 
         def write_weight_grad(grad_w: torch.Tensor, accumulate: bool) -> None:
+            size = equal_group_size(offsets)
+            if size is not None:
+                e = len(offsets)
+                grad_e = grad_out.view(e, size, -1).transpose(1, 2)
+                write_(grad_w, torch.bmm(grad_e, x.view(e, size, -1)), accumulate)
+                return
             start = 0
             for i, end in enumerate(offsets):
                 if end > start:

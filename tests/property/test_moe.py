@@ -17,6 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from moelib.config import ModelConfig
+from moelib.model import moe as moe_module
 from moelib.model.moe import (
     GroupedExperts,
     LocalDispatcher,
@@ -39,11 +40,14 @@ EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
 @st.composite
 def expert_counts(draw, max_experts: int = 5, allow_empty_batch: bool = True):
-    """Rows per expert: random (zeros included), one expert taking every row, or no rows at all."""
+    """Rows per expert: random (zeros included), one expert taking every row, all alike (one batched
+    GEMM), or no rows at all."""
     n_experts = draw(st.integers(1, max_experts))
-    kind = draw(st.sampled_from(["random", "one_takes_all", "empty"] if allow_empty_batch
-                                else ["random", "one_takes_all"]))
-    if kind == "random":
+    kind = draw(st.sampled_from(["random", "one_takes_all", "equal", "empty"] if allow_empty_batch
+                                else ["random", "one_takes_all", "equal"]))
+    if kind == "equal":
+        counts = [draw(st.integers(1, 6))] * n_experts
+    elif kind == "random":
         counts = draw(st.lists(st.integers(0, 6), min_size=n_experts, max_size=n_experts))
         if sum(counts) == 0:
             counts[-1] = 1
@@ -151,6 +155,24 @@ def test_grouped_linear_bf16_within_bf16_tolerance(counts, d_in, d_out, seed, mo
         torch.testing.assert_close(got.detach().double(), ref, rtol=2e-2, atol=2e-2 * math.sqrt(k))
 
 
+def test_equal_groups_run_as_one_batched_gemm():
+    """Groups of one size take torch.bmm in the forward, the input gradient and the weight gradient, and
+    match the per-expert reference; other groups never do."""
+    assert grouped.equal_group_size([4, 8, 12]) == 4
+    assert grouped.equal_group_size([4, 8, 13]) is None and grouped.equal_group_size([0, 0]) is None
+    gen = torch.Generator().manual_seed(0)
+    for counts, batched in (([4, 4, 4], True), ([4, 0, 8], False)):
+        x = torch.randn(12, 13, generator=gen).requires_grad_()
+        w = torch.randn(3, 6, 13, generator=gen).requires_grad_()
+        g = torch.randn(12, 6, generator=gen)
+        with mock.patch.object(grouped.torch, "bmm", wraps=torch.bmm) as spy:
+            (grouped_linear(x, w, torch.tensor(counts)) * g).sum().backward()
+        assert spy.call_count == (3 if batched else 0)
+        ref_y, ref_gx, ref_gw = reference_grouped_linear(x.detach().double(), w.detach().double(), counts, g.double())
+        torch.testing.assert_close(x.grad.double(), ref_gx, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(w.grad.double(), ref_gw, rtol=1e-5, atol=1e-5)
+
+
 def test_both_grouped_paths_are_exercised():
     """The fp32 sizes drawn above reach torch's grouped_mm (multiples of 8) and the fallback (others)."""
     gen = torch.Generator().manual_seed(0)
@@ -178,13 +200,14 @@ def reference_experts(x64, gate_up64, down64, counts, inter):
     return out
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(counts=expert_counts(allow_empty_batch=False), hidden=SIZES, inter=SIZES, seed=SEEDS,
-       multiple=st.sampled_from([1, 1, 3, 32]))
-@example(counts=[3, 0, 5], hidden=16, inter=8, seed=0, multiple=1)  # grouped_mm in both projections, an idle expert
-@example(counts=[1], hidden=8, inter=1, seed=0, multiple=1)  # down_proj has in_features 1
-@example(counts=[3, 0, 5], hidden=16, inter=8, seed=0, multiple=32)  # groups padded as bf16 on CPU pads them
-def test_grouped_experts_fp32_forward_and_gradients(counts, hidden, inter, seed, multiple):
+       multiple=st.sampled_from([1, 1, 3, 32]), equal_up_to=st.sampled_from([1.0, 1.25, 1e9]))
+@example(counts=[3, 0, 5], hidden=16, inter=8, seed=0, multiple=1, equal_up_to=1.0)  # grouped_mm, an idle expert
+@example(counts=[1], hidden=8, inter=1, seed=0, multiple=1, equal_up_to=1.0)  # down_proj has in_features 1
+@example(counts=[3, 0, 5], hidden=16, inter=8, seed=0, multiple=32, equal_up_to=1.0)  # padded as bf16 on CPU
+@example(counts=[3, 0, 5], hidden=16, inter=8, seed=0, multiple=4, equal_up_to=1e9)  # one batched GEMM
+def test_grouped_experts_fp32_forward_and_gradients(counts, hidden, inter, seed, multiple, equal_up_to):
     gen = torch.Generator().manual_seed(seed)
     n_experts, rows = len(counts), sum(counts)
     backend = get_backend("fp32")
@@ -192,7 +215,8 @@ def test_grouped_experts_fp32_forward_and_gradients(counts, hidden, inter, seed,
     init_(experts, gen, scale=2.0)
     x = torch.randn(rows, hidden, generator=gen).requires_grad_()
     g = torch.randn(rows, hidden, generator=gen)
-    with mock.patch.object(backend, "expert_row_multiple", return_value=multiple):
+    with mock.patch.object(backend, "expert_row_multiple", return_value=multiple), \
+            mock.patch.object(moe_module, "EQUAL_GROUPS_UP_TO", equal_up_to):
         y = experts(x, torch.tensor(counts))
     assert y.shape == (rows, hidden)
     (y * g).sum().backward()
@@ -209,13 +233,18 @@ def test_grouped_experts_fp32_forward_and_gradients(counts, hidden, inter, seed,
     torch.testing.assert_close(experts.down_proj.grad.double(), d64.grad, **tol)
 
 
-@settings(max_examples=50, deadline=None)
-@given(counts=expert_counts(), multiple=st.integers(1, 40))
-def test_pad_groups_puts_each_group_at_the_start_of_its_padded_slot(counts, multiple):
-    layout = pad_groups(torch.tensor(counts), multiple)
+@settings(max_examples=80, deadline=None)
+@given(counts=expert_counts(), multiple=st.integers(1, 40), equal_up_to=st.sampled_from([1.0, 1.25, 2.0, 1e9]))
+def test_pad_groups_puts_each_group_at_the_start_of_its_padded_slot(counts, multiple, equal_up_to):
+    layout = pad_groups(torch.tensor(counts), multiple, equal_up_to)
     rows, padded = layout.rows, layout.counts
     assert (padded % multiple == 0).all() and (padded >= torch.tensor(counts)).all()
-    assert (padded - torch.tensor(counts) < multiple).all()
+    own = [-(-c // multiple) * multiple for c in counts]  # each group to its own multiple
+    largest = max(own, default=0)
+    if len(counts) > 1 and largest * len(counts) <= equal_up_to * sum(own) and equal_up_to > 1:
+        assert padded.tolist() == [largest] * len(counts)
+    else:
+        assert padded.tolist() == own
     expected, slot = [], 0
     for c, p in zip(counts, padded.tolist()):
         expected += range(slot, slot + c)
