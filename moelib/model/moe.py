@@ -81,7 +81,7 @@ class GroupedExperts(nn.Module):
 
 @dataclass
 class PaddedRows:
-    """Where rows grouped by expert go when every group is padded to a multiple of rows."""
+    """Where rows grouped by expert go in a padded layout (``pad_groups``)."""
     rows: torch.Tensor     # [S]: each row's index in the padded layout
     counts: torch.Tensor   # [E]: padded rows per group
     source: torch.Tensor   # [P]: the row each padded row copies (0 for padding)
