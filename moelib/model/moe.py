@@ -38,12 +38,16 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [S, H] sorted by expert, counts [E] rows per expert."""
-        multiple = self.backend.expert_row_multiple(x)
-        if multiple == 1:
+        if self.backend.expert_row_multiple(x) == 1:
             return self._experts(x, counts)
         # Zero rows in, their outputs dropped: the result and every gradient are as unpadded.
-        layout = pad_groups(counts, multiple, EQUAL_GROUPS_UP_TO)
+        layout = self.layout(x, counts)
         return _UnpadRows.apply(self._experts(_PadRows.apply(x, layout), layout.counts), layout)
+
+    def layout(self, x: torch.Tensor, counts: torch.Tensor) -> PaddedRows:
+        """Where rows grouped by ``counts`` go for the experts' GEMMs on ``x`` (padded where the backend asks)."""
+        multiple = self.backend.expert_row_multiple(x)
+        return pad_groups(counts, multiple, EQUAL_GROUPS_UP_TO if multiple > 1 else 1.0)
 
     def _experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         gate, up = self.backend.grouped_linear(x, self.gate_up_proj, counts, pow2_input=True).chunk(2, dim=-1)
@@ -129,6 +133,22 @@ class _PadRows(torch.autograd.Function):
     def backward(ctx, grad):
         (rows,) = ctx.saved_tensors
         return grad.index_select(0, rows), None
+
+
+class _GatherTokens(torch.autograd.Function):
+    """Each (token, slot) pair's token row placed straight at its row of the experts' padded layout (zeros in
+    the padding); the backward sums a token's k rows in slot order, as _PermuteTokens' does."""
+
+    @staticmethod
+    def forward(ctx, x, token_of_row, padding, pos, top_k):
+        ctx.save_for_backward(pos)
+        ctx.top_k = top_k
+        return _place(x, token_of_row, padding)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (pos,) = ctx.saved_tensors
+        return sum_slots(grad.index_select(0, pos).view(-1, ctx.top_k, grad.shape[-1])), None, None, None, None
 
 
 class _UnpadRows(torch.autograd.Function):
@@ -239,8 +259,25 @@ class LocalDispatcher:
 
     def combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
         """y [N*k, H] in expert order -> sum_k weight_k * y_k per token, [N, H]."""
-        unsorted = _Unpermute.apply(y, state.inverse, state.order).view(state.num_tokens, state.top_k, -1)
+        unsorted = _Unpermute.apply(y, state.inverse, state.order).view(state.num_tokens, state.top_k, y.shape[-1])
         return weighted_sum(unsorted, state.weights)
+
+    def run(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+            experts: GroupedExperts) -> tuple[torch.Tensor, torch.Tensor]:
+        """combine(experts(*dispatch(...))) with the same bits, returning (out [N, H], counts [E]): tokens are
+        gathered straight into the experts' padded layout and their outputs straight back per (token, slot),
+        two passes over the routed rows fewer each way than dispatching, padding, unpadding and combining."""
+        flat = indices.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=experts.num_experts)
+        layout = experts.layout(x, counts)
+        top_k = indices.shape[1]
+        pos = torch.empty_like(order).index_copy_(0, order, layout.rows)  # each pair's row in the layout
+        pair = order.index_select(0, layout.source)  # the pair each row holds (any, for padding)
+        rows = _GatherTokens.apply(x, pair // top_k, layout.padding, pos, top_k)
+        by_pair = PaddedRows(pos, layout.counts, pair, layout.padding)  # the layout, rows in token order
+        out = _UnpadRows.apply(experts._experts(rows, layout.counts), by_pair)
+        return weighted_sum(out.view(x.shape[0], top_k, out.shape[-1]), weights), counts
 
 
 class AuxLossBackprop(torch.autograd.Function):
@@ -284,8 +321,11 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat, indices, weights, scores = self.route(x)
-        routed_in, counts, state = self.dispatcher.dispatch(flat, indices, weights, self.num_experts)
-        routed_out = self.dispatcher.combine(self.experts(routed_in, counts), state)
+        if isinstance(self.dispatcher, LocalDispatcher):
+            routed_out, counts = self.dispatcher.run(flat, indices, weights, self.experts)
+        else:
+            routed_in, counts, state = self.dispatcher.dispatch(flat, indices, weights, self.num_experts)
+            routed_out = self.dispatcher.combine(self.experts(routed_in, counts), state)
         return self.finish(flat, routed_out, indices, scores, counts, x.shape)
 
     # The pieces of forward, also called one by one by the pipeline's overlapped schedule, which runs

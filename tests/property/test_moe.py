@@ -389,6 +389,43 @@ def test_combine_sums_equal_the_batched_gemm_and_the_reduction(n, k, hidden, see
     torch.testing.assert_close(summed, y.sum(1), rtol=ulp, atol=ulp * k * (1 + y.abs().max().item()))
 
 
+@settings(max_examples=40, deadline=None)
+@given(n_tokens=st.integers(0, 20), n_experts=st.integers(1, 6), data=st.data(), hidden=st.sampled_from([8, 16]),
+       inter=st.sampled_from([4, 8]), seed=SEEDS, backend_name=st.sampled_from(["fp32", "bf16"]),
+       multiple=st.sampled_from([1, 2, 32]), equal_up_to=st.sampled_from([1.0, 1e9]))
+def test_dispatcher_run_equals_dispatch_experts_combine(n_tokens, n_experts, data, hidden, inter, seed,
+                                                        backend_name, multiple, equal_up_to):
+    """LocalDispatcher.run (tokens gathered straight into the experts' padded layout and back) gives the
+    bits of dispatch -> GroupedExperts -> combine, forward and every gradient, padded or not."""
+    top_k = data.draw(st.integers(1, n_experts), label="top_k")
+    gen = torch.Generator().manual_seed(seed)
+    backend = get_backend(backend_name)
+    experts = GroupedExperts(n_experts, hidden, inter, backend)
+    init_(experts, gen, scale=2.0)
+    indices = random_routing(n_tokens, n_experts, top_k, gen) if n_tokens else torch.zeros(0, top_k, dtype=torch.long)
+    x0 = torch.randn(n_tokens, hidden, generator=gen)
+    w0 = torch.rand(n_tokens, top_k, generator=gen)
+    g = torch.randn(n_tokens, hidden, generator=gen)
+    disp, results = LocalDispatcher(), []
+    for fused in (True, False):
+        experts.zero_grad(set_to_none=True)
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with mock.patch.object(backend, "expert_row_multiple", return_value=multiple), \
+                mock.patch.object(moe_module, "EQUAL_GROUPS_UP_TO", equal_up_to), backend.autocast():
+            tokens = x.to(backend.compute_dtype)  # as MoE.route hands them over
+            if fused:
+                out, counts = disp.run(tokens, indices, w, experts)
+            else:
+                rows, counts, state = disp.dispatch(tokens, indices, w, n_experts)
+                out = disp.combine(experts(rows, counts), state)
+        (out.float() * g).sum().backward()
+        results.append([out, counts, x.grad, w.grad] + [grad_or_zero(p) for p in experts.parameters()])
+    for mine, plain in zip(*results):
+        assert (mine is None) == (plain is None)
+        if mine is not None:
+            assert torch.equal(mine, plain)
+
+
 # ---------------------------------------------------------------------------------------------------
 # MoE layer
 # ---------------------------------------------------------------------------------------------------
