@@ -39,17 +39,19 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [S, H] sorted by expert, counts [E] rows per expert."""
         if self.backend.expert_row_multiple(x) == 1:
-            return self._experts(x, counts)
+            return self.compute(x, counts)
         # Zero rows in, their outputs dropped: the result and every gradient are as unpadded.
         layout = self.layout(x, counts)
-        return _UnpadRows.apply(self._experts(_PadRows.apply(x, layout), layout.counts), layout)
+        return _UnpadRows.apply(self.compute(_PadRows.apply(x, layout), layout.counts), layout)
 
     def layout(self, x: torch.Tensor, counts: torch.Tensor) -> PaddedRows:
         """Where rows grouped by ``counts`` go for the experts' GEMMs on ``x`` (padded where the backend asks)."""
         multiple = self.backend.expert_row_multiple(x)
         return pad_groups(counts, multiple, EQUAL_GROUPS_UP_TO if multiple > 1 else 1.0)
 
-    def _experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The experts on rows already in their layout: x [S, H] grouped as ``counts`` [E], padding (if any)
+        included."""
         gate, up = self.backend.grouped_linear(x, self.gate_up_proj, counts, pow2_input=True).chunk(2, dim=-1)
         return self.backend.grouped_linear(swiglu(gate, up, self.recompute_swiglu), self.down_proj, counts)
 
@@ -276,7 +278,7 @@ class LocalDispatcher:
         pair = order.index_select(0, layout.source)  # the pair each row holds (any, for padding)
         rows = _GatherTokens.apply(x, pair // top_k, layout.padding, pos, top_k)
         by_pair = PaddedRows(pos, layout.counts, pair, layout.padding)  # the layout, rows in token order
-        out = _UnpadRows.apply(experts._experts(rows, layout.counts), by_pair)
+        out = _UnpadRows.apply(experts.compute(rows, layout.counts), by_pair)
         return weighted_sum(out.view(x.shape[0], top_k, out.shape[-1]), weights), counts
 
 
