@@ -138,8 +138,10 @@ class _PadRows(torch.autograd.Function):
 
 
 class _GatherTokens(torch.autograd.Function):
-    """Each (token, slot) pair's token row placed straight at its row of the experts' padded layout (zeros in
-    the padding); the backward sums a token's k rows in slot order, as _PermuteTokens' does."""
+    """x[token_of_row]: each token copied once per chosen expert, to its rows of the experts' layout (zeros in
+    the padding rows, if any). ``pos`` [N*k] is each (token, slot) pair's row. The backward is the combine
+    with unit weights, a fixed-order sum over the k copies, so gradients are deterministic (an index
+    backward accumulates the copies in a thread-dependent order)."""
 
     @staticmethod
     def forward(ctx, x, token_of_row, padding, pos, top_k):
@@ -174,23 +176,6 @@ class DispatchState:
     weights: torch.Tensor  # [N, k]: gate values, applied when combining
     num_tokens: int
     top_k: int
-
-
-class _PermuteTokens(torch.autograd.Function):
-    """x[order // k]: each token copied once per chosen expert, in expert order. The backward is the
-    combine with unit weights, a fixed-order sum over the k copies, so gradients are deterministic
-    (an index backward accumulates the copies in a thread-dependent order)."""
-
-    @staticmethod
-    def forward(ctx, x, order, inverse, top_k):
-        ctx.save_for_backward(inverse)
-        ctx.top_k = top_k
-        return x.index_select(0, order // top_k)  # row gathers: index_select, ~8x faster than x[idx] on CPU
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return sum_slots(grad.index_select(0, inverse).view(-1, ctx.top_k, grad.shape[-1])), None, None, None
 
 
 def sum_slots(v: torch.Tensor) -> torch.Tensor:
@@ -257,7 +242,8 @@ class LocalDispatcher:
         counts = torch.bincount(flat, minlength=num_experts)
         top_k = indices.shape[1]
         state = DispatchState(order, inverse, weights, x.shape[0], top_k)
-        return _PermuteTokens.apply(x, order, inverse, top_k), counts, state
+        no_padding = order[:0]
+        return _GatherTokens.apply(x, order // top_k, no_padding, inverse, top_k), counts, state
 
     def combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
         """y [N*k, H] in expert order -> sum_k weight_k * y_k per token, [N, H]."""
