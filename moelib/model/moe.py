@@ -42,7 +42,8 @@ class GroupedExperts(nn.Module):
             return self.compute(x, counts)
         # Zero rows in, their outputs dropped: the result and every gradient are as unpadded.
         layout = self.layout(x, counts)
-        return _UnpadRows.apply(self.compute(_PadRows.apply(x, layout), layout.counts), layout)
+        y = self.compute(_PadRows.apply(x, layout), layout.counts)
+        return _TakeRows.apply(y, layout.rows, layout.source, layout.padding)
 
     def layout(self, x: torch.Tensor, counts: torch.Tensor) -> PaddedRows:
         """Where rows grouped by ``counts`` go for the experts' GEMMs on ``x`` (padded where the backend asks)."""
@@ -155,18 +156,20 @@ class _GatherTokens(torch.autograd.Function):
         return sum_slots(grad.index_select(0, pos).view(-1, ctx.top_k, grad.shape[-1])), None, None, None, None
 
 
-class _UnpadRows(torch.autograd.Function):
-    """padded[rows], _PadRows undone. index_select's own backward adds the gradient rows into zeros with
-    index_add, 5x slower on CPU than gathering them, which distinct rows allow."""
+class _TakeRows(torch.autograd.Function):
+    """y[rows] for distinct rows: expert rows out of their (padded) layout, or back out of expert order.
+    ``source`` / ``padding`` are the inverse (PaddedRows'): the backward gathers the gradient rows back
+    with ``source`` and zeros the ``padding`` rows no output took. index_select's own backward adds them
+    into zeros with index_add, 5x slower on CPU."""
 
     @staticmethod
-    def forward(ctx, padded, layout):
-        ctx.save_for_backward(layout.source, layout.padding)
-        return padded.index_select(0, layout.rows)
+    def forward(ctx, y, rows, source, padding):
+        ctx.save_for_backward(source, padding)
+        return y.index_select(0, rows)
 
     @staticmethod
     def backward(ctx, grad):
-        return _place(grad, *ctx.saved_tensors), None
+        return _place(grad, *ctx.saved_tensors), None, None, None
 
 
 @dataclass
@@ -213,20 +216,6 @@ def weighted_sum(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return _WeightedSum.apply(y, weights.to(y.dtype))
 
 
-class _Unpermute(torch.autograd.Function):
-    """y[inverse] for a permutation; the backward is the gather by the forward order (no scatter-add)."""
-
-    @staticmethod
-    def forward(ctx, y, inverse, order):
-        ctx.save_for_backward(order)
-        return y.index_select(0, inverse)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (order,) = ctx.saved_tensors
-        return grad.index_select(0, order), None, None
-
-
 class LocalDispatcher:
     """All experts on this process: sort (token, slot) pairs by expert, gather, and undo it.
 
@@ -247,7 +236,8 @@ class LocalDispatcher:
 
     def combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
         """y [N*k, H] in expert order -> sum_k weight_k * y_k per token, [N, H]."""
-        unsorted = _Unpermute.apply(y, state.inverse, state.order).view(state.num_tokens, state.top_k, y.shape[-1])
+        unsorted = _TakeRows.apply(y, state.inverse, state.order, state.order[:0])
+        unsorted = unsorted.view(state.num_tokens, state.top_k, y.shape[-1])
         return weighted_sum(unsorted, state.weights)
 
     def run(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
@@ -263,8 +253,8 @@ class LocalDispatcher:
         pos = torch.empty_like(order).index_copy_(0, order, layout.rows)  # each pair's row in the layout
         pair = order.index_select(0, layout.source)  # the pair each row holds (any, for padding)
         rows = _GatherTokens.apply(x, pair // top_k, layout.padding, pos, top_k)
-        by_pair = PaddedRows(pos, layout.counts, pair, layout.padding)  # the layout, rows in token order
-        out = _UnpadRows.apply(experts.compute(rows, layout.counts), by_pair)
+        # Back per (token, slot): the layout read in token order.
+        out = _TakeRows.apply(experts.compute(rows, layout.counts), pos, pair, layout.padding)
         return weighted_sum(out.view(x.shape[0], top_k, out.shape[-1]), weights), counts
 
 

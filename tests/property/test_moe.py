@@ -23,7 +23,7 @@ from moelib.model.moe import (
     LocalDispatcher,
     MoE,
     _PadRows,
-    _UnpadRows,
+    _TakeRows,
     pad_groups,
     sum_slots,
     weighted_sum,
@@ -269,20 +269,22 @@ def test_padding_rows_equals_placing_them_into_zeros(counts, multiple, seed):
 
 @settings(max_examples=30, deadline=None)
 @given(counts=expert_counts(allow_empty_batch=False), multiple=st.integers(1, 40), seed=SEEDS)
-def test_unpadding_backward_equals_index_selects(counts, multiple, seed):
-    """_UnpadRows gathers the gradient rows into the padded layout; index_select's own backward adds them
-    into zeros: the same."""
+def test_taking_rows_backward_equals_index_selects(counts, multiple, seed):
+    """_TakeRows gathers the gradient rows back (padding rows zero); index_select's own backward adds them
+    into zeros: the same, out of a padded layout and out of a permutation (the combine's expert order)."""
     layout = pad_groups(torch.tensor(counts), multiple)
-    rows, padded = layout.rows, layout.counts
     gen = torch.Generator().manual_seed(seed)
-    y = torch.randn(int(padded.sum()), 5, generator=gen).to(torch.bfloat16)
-    grad = torch.randn(len(rows), 5, generator=gen).to(torch.bfloat16)
-    ours, theirs = y.clone().requires_grad_(), y.clone().requires_grad_()
-    out = _UnpadRows.apply(ours, layout)
-    assert torch.equal(out, theirs.index_select(0, rows))
-    out.backward(grad)
-    theirs.index_select(0, rows).backward(grad)
-    assert torch.equal(ours.grad, theirs.grad)
+    order = torch.randperm(len(layout.rows), generator=gen)
+    inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(len(order)))
+    for rows, source, padding in ((layout.rows, layout.source, layout.padding), (inverse, order, order[:0])):
+        y = torch.randn(len(source), 5, generator=gen).to(torch.bfloat16)
+        grad = torch.randn(len(rows), 5, generator=gen).to(torch.bfloat16)
+        ours, theirs = y.clone().requires_grad_(), y.clone().requires_grad_()
+        out = _TakeRows.apply(ours, rows, source, padding)
+        assert torch.equal(out, theirs.index_select(0, rows))
+        out.backward(grad)
+        theirs.index_select(0, rows).backward(grad)
+        assert torch.equal(ours.grad, theirs.grad)
 
 
 def test_bf16_on_cpu_pads_expert_groups_and_the_others_do_not():
