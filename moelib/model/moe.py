@@ -216,6 +216,13 @@ def weighted_sum(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return _WeightedSum.apply(y, weights.to(y.dtype))
 
 
+def _by_expert(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (token, slot) pairs of ``indices`` [N, k] in expert order (stable: token order within an expert),
+    and each expert's count."""
+    flat = indices.reshape(-1)
+    return torch.argsort(flat, stable=True), torch.bincount(flat, minlength=num_experts)
+
+
 class LocalDispatcher:
     """All experts on this process: sort (token, slot) pairs by expert, gather, and undo it.
 
@@ -225,10 +232,8 @@ class LocalDispatcher:
     """
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, num_experts: int):
-        flat = indices.reshape(-1)
-        order = torch.argsort(flat, stable=True)
+        order, counts = _by_expert(indices, num_experts)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        counts = torch.bincount(flat, minlength=num_experts)
         top_k = indices.shape[1]
         state = DispatchState(order, inverse, weights, x.shape[0], top_k)
         no_padding = order[:0]
@@ -245,9 +250,7 @@ class LocalDispatcher:
         """combine(experts(*dispatch(...))) with the same bits, returning (out [N, H], counts [E]): tokens are
         gathered straight into the experts' padded layout and their outputs straight back per (token, slot),
         two passes over the routed rows fewer each way than dispatching, padding, unpadding and combining."""
-        flat = indices.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=experts.num_experts)
+        order, counts = _by_expert(indices, experts.num_experts)
         layout = experts.layout(x, counts)
         top_k = indices.shape[1]
         pos = torch.empty_like(order).index_copy_(0, order, layout.rows)  # each pair's row in the layout
