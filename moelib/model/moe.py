@@ -28,6 +28,10 @@ class GroupedExperts(nn.Module):
 
     # Set by moelib.model.recompute.apply_recompute: keep only SwiGLU's inputs, recompute its product.
     recompute_swiglu: SwiGLUCache | None = None
+    # Where rows are padded (bf16 on CPU), every group is padded to the largest when that makes at most this
+    # factor of rows: one batched GEMM (grouped.equal_group_size), ~1.6x the rate of a GEMM per expert on
+    # CPU. 1.0 pads each group to its own multiple only.
+    equal_groups_up_to: float = 1.25
 
     def __init__(self, num_experts: int, hidden: int, inter: int, backend: Backend, expert_offset: int = 0):
         super().__init__()
@@ -48,7 +52,7 @@ class GroupedExperts(nn.Module):
     def layout(self, x: torch.Tensor, counts: torch.Tensor) -> PaddedRows:
         """Where rows grouped by ``counts`` go for the experts' GEMMs on ``x`` (padded where the backend asks)."""
         multiple = self.backend.expert_row_multiple(x)
-        return pad_groups(counts, multiple, EQUAL_GROUPS_UP_TO if multiple > 1 else 1.0)
+        return pad_groups(counts, multiple, self.equal_groups_up_to if multiple > 1 else 1.0)
 
     def compute(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The experts on rows already in their layout: x [S, H] grouped as ``counts`` [E], padding (if any)
@@ -94,10 +98,6 @@ class PaddedRows:
     source: torch.Tensor   # [P]: the row each padded row copies (0 for padding)
     padding: torch.Tensor  # the padding rows' indices
 
-
-# Experts whose groups are padded to one common size run as one batched GEMM (grouped.equal_group_size),
-# ~1.6x the rate of a GEMM per expert on CPU; worth up to this factor of padded rows.
-EQUAL_GROUPS_UP_TO = 1.25
 
 
 def pad_groups(counts: torch.Tensor, multiple: int, equal_up_to: float = 1.0) -> PaddedRows:

@@ -17,7 +17,6 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from moelib.config import ModelConfig
-from moelib.model import moe as moe_module
 from moelib.model.moe import (
     GroupedExperts,
     LocalDispatcher,
@@ -216,7 +215,7 @@ def test_grouped_experts_fp32_forward_and_gradients(counts, hidden, inter, seed,
     x = torch.randn(rows, hidden, generator=gen).requires_grad_()
     g = torch.randn(rows, hidden, generator=gen)
     with mock.patch.object(backend, "expert_row_multiple", return_value=multiple), \
-            mock.patch.object(moe_module, "EQUAL_GROUPS_UP_TO", equal_up_to):
+            mock.patch.object(GroupedExperts, "equal_groups_up_to", equal_up_to):
         y = experts(x, torch.tensor(counts))
     assert y.shape == (rows, hidden)
     (y * g).sum().backward()
@@ -413,7 +412,7 @@ def test_dispatcher_run_equals_dispatch_experts_combine(n_tokens, n_experts, dat
         experts.zero_grad(set_to_none=True)
         x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
         with mock.patch.object(backend, "expert_row_multiple", return_value=multiple), \
-                mock.patch.object(moe_module, "EQUAL_GROUPS_UP_TO", equal_up_to), backend.autocast():
+                mock.patch.object(GroupedExperts, "equal_groups_up_to", equal_up_to), backend.autocast():
             tokens = x.to(backend.compute_dtype)  # as MoE.route hands them over
             if fused:
                 out, counts = disp.run(tokens, indices, w, experts)

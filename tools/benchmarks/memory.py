@@ -21,15 +21,15 @@ micro-batch. Ratios are against bf16 with no recomputation. "selective" under fp
 inputs in FP8 (V3); "selective-exact" keeps them in bf16 and leaves every gradient unchanged.
 
 Expert rows are padded per expert (bf16 on CPU: to a multiple of 32) as always, but never to one common
-size: that CPU speed layout (moe.EQUAL_GROUPS_UP_TO) is taken only when a batch routes evenly enough, so
-the bf16 baseline would jump with the batch (it did between batch 2 and 4 here: +14 % for the MoE layer).
+size (``configure`` sets GroupedExperts.equal_groups_up_to to 1): that CPU speed layout is taken only when a
+batch routes evenly enough, so the bf16 baseline would jump with the batch (it did between batch 2 and 4
+here: +14 % for the MoE layer).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from unittest import mock
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -37,7 +37,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from moelib import ModelConfig
-from moelib.model import build_model, moe
+from moelib.model import build_model
+from moelib.model.moe import GroupedExperts
 from moelib.model.recompute import apply_recompute
 from moelib.precision.backends import name_linears
 
@@ -97,6 +98,9 @@ class LiveStorages(TorchDispatchMode):
 
 
 def configure(model, mode: str):
+    for m in model.modules():
+        if isinstance(m, GroupedExperts):
+            m.equal_groups_up_to = 1.0  # see the module docstring
     exact = mode == "selective-exact"
     return apply_recompute(model, "selective" if exact else mode, fp8_swiglu_cache=False if exact else None)
 
@@ -167,11 +171,6 @@ def model_peak(cfg: ModelConfig, backend: str, mode: str, batch: int, seq: int, 
 
 
 def run_preset(preset: str, args) -> dict:
-    with mock.patch.object(moe, "EQUAL_GROUPS_UP_TO", 1.0):  # see the module docstring
-        return _run_preset(preset, args)
-
-
-def _run_preset(preset: str, args) -> dict:
     cfg = ModelConfig.from_preset(preset)
     layers = {"dense": 0, "moe": cfg.first_k_dense_replace}
     out = {"layers": {}, "model": {}}
