@@ -28,7 +28,7 @@ from tqdm import tqdm
 from moelib.config import ModelConfig
 from moelib.errors import CheckpointError, ConfigError
 from moelib.precision.fp8 import dequantize, quantize, scale_grid
-from moelib.train.checkpoint import FORMAT, MANIFEST, CheckpointReader, step_dir
+from moelib.train.checkpoint import FORMAT, MANIFEST, CheckpointReader, checksum_fields, step_dir, tensor_checksum
 from moelib.train.hf_format import HF_HIGH_PRECISION, from_hf_config, mtp_shared_copies, to_hf_config, to_hf_name
 
 INDEX = "model.safetensors.index.json"
@@ -138,10 +138,12 @@ def _numel(shape: Iterable[int]) -> int:
 class Shards:
     """Tensors spread over safetensors files by a name -> file map (a moelib manifest or an HF index).
 
-    Opening validates every file and that each name the map gives is in its file."""
+    Opening validates every file and that each name the map gives is in its file; ``verify(name, tensor)``,
+    when given, checks every tensor read (a moelib manifest's checksums)."""
 
-    def __init__(self, root: Path, weight_map: dict[str, str], index_name: str):
-        self.root, self.index_name = root, index_name
+    def __init__(self, root: Path, weight_map: dict[str, str], index_name: str,
+                 verify: Callable[[str, torch.Tensor], None] | None = None):
+        self.root, self.index_name, self.verify = root, index_name, verify
         self.files = {f: TensorFile(root / f) for f in sorted(set(weight_map.values()))}
         self.where = {}
         for name, f in weight_map.items():
@@ -162,7 +164,10 @@ class Shards:
         return hi - lo
 
     def get(self, name: str) -> torch.Tensor:
-        return self.where[name].get(name)
+        tensor = self.where[name].get(name)
+        if self.verify is not None:
+            self.verify(name, tensor)
+        return tensor
 
     def check(self, name: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...] = _FLOATS) -> None:
         dtype, have = self.spec(name)
@@ -194,9 +199,9 @@ class Unit:
 
 
 def write_shards(units: list[Unit], out: Path, max_shard_bytes: int, desc: str,
-                 progress: bool) -> dict[str, str]:
+                 progress: bool, checksums: dict[str, str] | None = None) -> dict[str, str]:
     """Pack units in order into shards of at most ``max_shard_bytes`` (a larger unit gets its own) and write
-    them; returns output name -> shard file."""
+    them; returns output name -> shard file. ``checksums``, when given, receives each tensor's checksum."""
     groups: list[list[Unit]] = []
     size = 0
     for u in units:
@@ -215,8 +220,10 @@ def write_shards(units: list[Unit], out: Path, max_shard_bytes: int, desc: str,
         writer = ShardWriter(out / fname, [o for u in group for o in u.outputs])
         try:
             for u in group:
-                for t in u.make():
+                for (name, _, _), t in zip(u.outputs, u.make()):
                     writer.write(t)
+                    if checksums is not None:
+                        checksums[name] = tensor_checksum(t)
                 for name, _, _ in u.outputs:
                     weight_map[name] = fname
                 done += len(u.outputs)
@@ -305,7 +312,7 @@ def open_moelib(path: str | os.PathLike, ema: bool = False) -> tuple[CheckpointR
     if not isinstance(reader.manifest.get("model"), dict):
         raise CheckpointError(f"{manifest}: no 'model' config")
     cfg = ModelConfig.from_dict(reader.manifest["model"])
-    shards = Shards(reader.path, reader.weight_map, MANIFEST)
+    shards = Shards(reader.path, reader.weight_map, MANIFEST, verify=reader.verify)
     if ema and not any(k.startswith("ema.") for k in reader.weight_map):
         raise CheckpointError(f"{manifest}: --ema asked for, but the checkpoint holds no ema.* tensors")
     source = {}
@@ -435,9 +442,10 @@ def import_hf(load: str | os.PathLike, save: str | os.PathLike, max_shard_bytes:
         with staged(Path(save), overwrite) as tmp:
             step = tmp / final.name
             step.mkdir()
-            weight_map = write_shards(units, step, max_shard_bytes, "import", progress)
+            checksums: dict[str, str] = {}
+            weight_map = write_shards(units, step, max_shard_bytes, "import", progress, checksums)
             manifest = {"format": FORMAT, "step": 0, "model": cfg.to_dict(), "weight_map": weight_map,
-                        "source": {"hf_dir": str(Path(load).resolve())}}
+                        **checksum_fields(checksums), "source": {"hf_dir": str(Path(load).resolve())}}
             (step / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
             _copy_tokenizer([Path(load)], step)
             (tmp / "latest").write_text(f"{final.name}\n")
