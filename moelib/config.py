@@ -8,7 +8,9 @@ in ``validate()`` and reported as one sentence naming the field.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,15 +30,57 @@ def _positive(cfg: Any, *names: str) -> None:
                  type(cfg).__name__, name, f"must be a positive integer, got {value!r}")
 
 
+def _number(cfg: Any, name: str, ok: typing.Callable[[float], bool], rule: str) -> None:
+    """``name`` must be a finite int or float (not a bool) for which ``ok`` holds."""
+    value = getattr(cfg, name)
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and ok(value),
+             type(cfg).__name__, name, f"must be {rule}, got {value!r}")
+
+
+def _optional_str(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        _require(value is None or isinstance(value, str), type(cfg).__name__, name,
+                 f"must be a string (or absent), got {value!r}")
+
+
+@functools.cache
+def _field_types(cls) -> dict[str, set]:
+    """Field name -> the set of types its annotation allows (``int | None`` -> {int, NoneType})."""
+    return {name: set(typing.get_args(hint)) or {hint} for name, hint in typing.get_type_hints(cls).items()}
+
+
+def _coerce(cls, name: str, value: Any) -> Any:
+    """``value`` read as the number an int or float field wants. PyYAML follows YAML 1.1, which reads ``3e-3``
+    and ``1e-8`` (no dot) as strings; Python's own spellings, ``1_000`` included, are accepted here."""
+    kinds = _field_types(cls).get(name, set())
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, str) or not kinds & {int, float}:
+        return value
+    text = value.strip()
+    try:
+        return int(text) if int in kinds and float not in kinds else float(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        raise ConfigError(f"{cls.__name__}.{name}: expected a number, got {value!r}") from None
+    if not number.is_integer():
+        raise ConfigError(f"{cls.__name__}.{name}: expected an integer, got {value!r}")
+    return int(number)  # an integer written as 1e3
+
+
 def _from_dict(cls, data: dict[str, Any], nested: dict[str, type] | None = None):
-    """Build a dataclass from a dict, refusing unknown keys by name."""
+    """Build a dataclass from a dict, refusing unknown keys by name and reading numbers written as strings."""
     if not isinstance(data, dict):
         raise ConfigError(f"{cls.__name__}: expected a mapping of fields, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{cls.__name__}.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
-    kwargs = dict(data)
+    kwargs = {k: _coerce(cls, k, v) for k, v in data.items()}
     for key, sub in (nested or {}).items():
         if isinstance(kwargs.get(key), dict):
             kwargs[key] = _from_dict(sub, kwargs[key])
@@ -54,11 +98,16 @@ class YarnConfig:
     mscale: float = 1.0
     mscale_all_dim: float = 1.0
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        _require(self.factor >= 1.0, "YarnConfig", "factor", f"must be >= 1, got {self.factor}")
+        _number(self, "factor", lambda v: v >= 1, "a number >= 1")
         _positive(self, "original_max_position_embeddings")
-        _require(self.beta_fast > self.beta_slow > 0, "YarnConfig", "beta_fast",
-                 f"must exceed beta_slow and both be positive, got {self.beta_fast} and {self.beta_slow}")
+        _number(self, "beta_slow", lambda v: v > 0, "a positive number")
+        _number(self, "beta_fast", lambda v: v > self.beta_slow, f"a number above beta_slow ({self.beta_slow})")
+        for name in ("mscale", "mscale_all_dim"):
+            _number(self, name, lambda v: v >= 0, "a number >= 0")
 
 
 @dataclass
@@ -133,11 +182,13 @@ class ModelConfig:
                  f"num_experts_per_tok ({self.num_experts_per_tok})")
         _require(self.scoring_func in ("sigmoid", "softmax"), c, "scoring_func",
                  f"must be 'sigmoid' or 'softmax', got {self.scoring_func!r}")
+        _require(isinstance(self.norm_topk_prob, bool), c, "norm_topk_prob",
+                 f"must be true or false, got {self.norm_topk_prob!r}")
         for name in ("routed_scaling_factor", "rms_norm_eps", "rope_theta", "init_std"):
-            value = getattr(self, name)
-            _require(isinstance(value, (int, float)) and value > 0 and math.isfinite(value), c, name,
-                     f"must be a positive finite number, got {value!r}")
-        _require(self.aux_loss_alpha >= 0, c, "aux_loss_alpha", f"must be >= 0, got {self.aux_loss_alpha}")
+            _number(self, name, lambda v: v > 0, "a positive finite number")
+        _number(self, "aux_loss_alpha", lambda v: v >= 0, "a number >= 0")
+        _require(self.rope_scaling is None or isinstance(self.rope_scaling, YarnConfig), c, "rope_scaling",
+                 f"must be a mapping of YaRN fields (or absent), got {self.rope_scaling!r}")
         if self.rope_scaling is not None:
             self.rope_scaling.validate()
 
@@ -314,6 +365,8 @@ class TrainConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.precision, str):  # `precision: bf16`: the backend's name alone
+            self.precision = PrecisionConfig(backend=self.precision)
         if isinstance(self.precision, dict):
             self.precision = _from_dict(PrecisionConfig, self.precision)
         self.validate()
@@ -321,19 +374,23 @@ class TrainConfig:
     def validate(self) -> None:
         c = "TrainConfig"
         _positive(self, "micro_batch_size", "seq_length", "train_iters", "log_interval")
-        _require(self.lr > 0, c, "lr", f"must be positive, got {self.lr}")
-        _require(0 <= self.min_lr <= self.lr, c, "min_lr", f"must lie in [0, lr={self.lr}], got {self.min_lr}")
-        _require(isinstance(self.lr_warmup_iters, int) and self.lr_warmup_iters >= 0, c, "lr_warmup_iters",
+        _number(self, "lr", lambda v: v > 0, "a positive number")
+        _number(self, "min_lr", lambda v: 0 <= v <= self.lr, f"a number in [0, lr={self.lr}]")
+        _require(isinstance(self.lr_warmup_iters, int) and not isinstance(self.lr_warmup_iters, bool)
+                 and self.lr_warmup_iters >= 0, c, "lr_warmup_iters",
                  f"must be a non-negative integer, got {self.lr_warmup_iters!r}")
         for name in ("adam_beta1", "adam_beta2"):
-            value = getattr(self, name)
-            _require(0 <= value < 1, c, name, f"must lie in [0, 1), got {value}")
+            _number(self, name, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        _number(self, "adam_eps", lambda v: v > 0, "a positive number")
         for name in ("weight_decay", "clip_grad", "bias_update_speed", "mtp_loss_weight"):
-            value = getattr(self, name)
-            _require(value >= 0, c, name, f"must be >= 0, got {value}")
+            _number(self, name, lambda v: v >= 0, "a number >= 0")
         _require(self.moment_dtype in ("fp32", "bf16"), c, "moment_dtype",
                  f"must be fp32 or bf16, got {self.moment_dtype!r}")
-        _require(0 <= self.ema_decay < 1, c, "ema_decay", f"must lie in [0, 1) (0: no EMA), got {self.ema_decay}")
+        _number(self, "ema_decay", lambda v: 0 <= v < 1, "a number in [0, 1) (0: no EMA)")
+        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**63, c,
+                 "seed", f"must be a non-negative integer, got {self.seed!r}")
+        _require(isinstance(self.precision, PrecisionConfig), c, "precision",
+                 f"must be a backend name or a mapping of PrecisionConfig fields, got {self.precision!r}")
         _require(self.recompute in ("none", "selective", "full"), c, "recompute",
                  f"must be none, selective or full, got {self.recompute!r}")
 
@@ -454,6 +511,9 @@ class DataConfig:
 
     data_path: str | None = None
     tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        _optional_str(self, "data_path", "tokenizer")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataConfig:

@@ -1,6 +1,13 @@
-import pytest
+import json
+import math
+import os
 
-from moelib import ConfigError, ModelConfig, PrecisionConfig, TrainConfig
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moelib import ConfigError, ModelConfig, PrecisionConfig, TrainConfig, YarnConfig
+from moelib.config import DataConfig, ParallelConfig
 from moelib.model import build_model
 
 
@@ -109,3 +116,99 @@ def test_recipe_yaml_configs(tmp_path):
             RecipeConfig.from_yaml(bad)
     with pytest.raises(ConfigError, match="cannot read"):
         RecipeConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+# -- YAML as people write it --------------------------------------------------------------------------------------
+
+def recipe_yaml(tmp_path, text: str):
+    from moelib.config import RecipeConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return RecipeConfig.from_yaml(path)
+
+
+def float_spellings(value: float) -> list[str]:
+    """How people write a float in YAML: PyYAML (YAML 1.1) reads only the dotted, signed-exponent ones as floats."""
+    mantissa, exponent = f"{value:e}".split("e")
+    return [repr(value), f"{value:e}", f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}", f"{value:.3E}"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=st.floats(1e-9, 1e-1), spelling=st.integers(0, 3), iters=st.integers(1, 10**7),
+       underscores=st.booleans())
+def test_yaml_numbers_read_as_numbers_in_every_spelling(tmp_path, value, spelling, iters, underscores):
+    text = float_spellings(value)[spelling]
+    written = f"{iters:_}" if underscores else str(iters)
+    run = recipe_yaml(tmp_path, f"train:\n  lr: {text}\n  min_lr: 0\n  adam_eps: {text}\n  train_iters: {written}\n")
+    assert run.train.lr == float(text) == run.train.adam_eps and isinstance(run.train.lr, float)
+    assert run.train.train_iters == iters and isinstance(run.train.train_iters, int)
+
+
+def test_integers_written_in_exponent_form_read_as_integers(tmp_path):
+    run = recipe_yaml(tmp_path, "train: {train_iters: 2e3, seed: 1e1}\nmodel: {preset: tiny, rope_theta: 1e4}\n")
+    assert (run.train.train_iters, run.train.seed, run.model.rope_theta) == (2000, 10, 10000.0)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train: {lr: fast}\n", r"^TrainConfig\.lr: expected a number, got 'fast'$"),
+    ("train: {train_iters: 2.5e1x}\n", r"^TrainConfig\.train_iters: expected a number"),
+    ("train: {train_iters: 25e-1}\n", r"^TrainConfig\.train_iters: expected an integer, got '25e-1'$"),
+    ("model: {preset: tiny, hidden_size: wide}\n", r"^ModelConfig\.hidden_size: expected a number"),
+    ("parallel: {num_microbatches: many}\n", r"^ParallelConfig\.num_microbatches: expected a number"),
+    ("train: {precision: {telemetry_interval: often}}\n", r"^PrecisionConfig\.telemetry_interval: expected a number"),
+])
+def test_a_non_number_is_one_line_naming_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        recipe_yaml(tmp_path, text)
+    assert "\n" not in str(e.value)
+
+
+def test_precision_may_be_the_backend_name(tmp_path):
+    assert recipe_yaml(tmp_path, "train: {precision: fp32}\n").train.precision == PrecisionConfig(backend="fp32")
+    with pytest.raises(ConfigError, match=r"PrecisionConfig\.backend: must be one of"):
+        recipe_yaml(tmp_path, "train: {precision: fp4}\n")
+    with pytest.raises(ConfigError, match=r"TrainConfig\.precision: must be a backend name"):
+        recipe_yaml(tmp_path, "train: {precision: 16}\n")
+
+
+@pytest.mark.parametrize("cls, field, value", [
+    (TrainConfig, "lr", 0.0), (TrainConfig, "lr", float("inf")), (TrainConfig, "lr", True),
+    (TrainConfig, "min_lr", -1e-5), (TrainConfig, "adam_eps", 0.0), (TrainConfig, "adam_eps", -1e-8),
+    (TrainConfig, "adam_beta1", 1.0), (TrainConfig, "adam_beta2", -0.1), (TrainConfig, "weight_decay", -0.1),
+    (TrainConfig, "clip_grad", float("nan")), (TrainConfig, "bias_update_speed", -1.0),
+    (TrainConfig, "mtp_loss_weight", -0.3), (TrainConfig, "ema_decay", 1.0), (TrainConfig, "seed", -1),
+    (TrainConfig, "seed", 1.5), (TrainConfig, "lr_warmup_iters", 2.5), (TrainConfig, "log_interval", 0),
+    (TrainConfig, "recompute", "some"), (TrainConfig, "moment_dtype", "fp16"),
+    (PrecisionConfig, "pow2_scales", "yes"), (PrecisionConfig, "amax_history_len", 0),
+    (ParallelConfig, "pipeline_model_parallel_size", 0), (ParallelConfig, "expert_model_parallel_size", 1.0),
+    (ParallelConfig, "pipeline_schedule", "gpipe"), (ParallelConfig, "num_microbatches", 0),
+    (ParallelConfig, "ranks_per_node", -2), (ParallelConfig, "max_nodes_per_token", 0),
+    (DataConfig, "data_path", 3), (DataConfig, "tokenizer", ["a"]),
+    (ModelConfig, "norm_topk_prob", "yes"), (ModelConfig, "aux_loss_alpha", -1.0),
+    (ModelConfig, "rms_norm_eps", 0.0), (ModelConfig, "init_std", "small"),
+    (YarnConfig, "beta_slow", 0.0), (YarnConfig, "mscale", float("nan")), (YarnConfig, "factor", 0.5),
+])
+def test_every_field_is_validated(cls, field, value):
+    with pytest.raises(ConfigError, match=rf"^{cls.__name__}\.{field}: "):
+        cls(**{field: value})
+
+
+def test_yaml_written_lr_trains(tmp_path):
+    """The issue's reproducer: `lr: 3e-3` (a string to PyYAML) used to stop the recipe with a traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  preset: tiny\n  num_hidden_layers: 2\ntrain:\n  lr: 3e-3\n  min_lr: 1e-5\n"
+                      "  adam_eps: 1e-8\n  train_iters: 2\n  micro_batch_size: 2\n  seq_length: 32\n"
+                      "  log_interval: 1\n  precision: fp32\n")
+    done = subprocess.run([sys.executable, str(repo / "recipes" / "v3_pretrain.py"), "--config", str(config),
+                           "--save", str(tmp_path / "ck"), "--peak-tflops", "1", "--log-json", str(tmp_path / "log")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2] and all(math.isfinite(s["loss"]) for s in steps)
+    assert steps[0]["lr"] <= 3e-3
