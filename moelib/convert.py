@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,10 +27,11 @@ import torch
 from tqdm import tqdm
 
 from moelib.config import ModelConfig
-from moelib.errors import CheckpointError, ConfigError
+from moelib.errors import CheckpointError, ConfigError, DataError
 from moelib.precision.fp8 import dequantize, quantize, scale_grid
 from moelib.train.checkpoint import FORMAT, MANIFEST, CheckpointReader, checksum_fields, step_dir, tensor_checksum
 from moelib.train.hf_format import HF_HIGH_PRECISION, from_hf_config, mtp_shared_copies, to_hf_config, to_hf_name
+from moelib.train.tokenizer import write_hf_tokenizer
 
 INDEX = "model.safetensors.index.json"
 FP8_BLOCK = (128, 128)
@@ -282,6 +284,14 @@ def _copy_tokenizer(dirs: Iterable[Path], out: Path) -> list[str]:
     return copied
 
 
+def _tokenizer_config(out: Path, cfg: ModelConfig) -> None:
+    """Add what AutoTokenizer needs beside a copied tokenizer.json; one it cannot parse is exported as it is."""
+    try:
+        write_hf_tokenizer(out / "tokenizer.json", out, cfg.max_position_embeddings)
+    except DataError as e:
+        warnings.warn(f"{e} The export holds it unchanged, without a tokenizer_config.json.", stacklevel=2)
+
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """moelib tensor name -> shape of the full model (built on the meta device: no memory)."""
     from moelib.model.transformer import build_model
@@ -359,7 +369,9 @@ def export_hf(load: str | os.PathLike, save: str | os.PathLike, dtype: str = "bf
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
             (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-            _copy_tokenizer([reader.path, reader.path.parent], tmp)
+            copied = _copy_tokenizer([reader.path, reader.path.parent], tmp)
+            if "tokenizer.json" in copied and "tokenizer_config.json" not in copied:
+                _tokenizer_config(tmp, cfg)
     finally:
         shards.close()
     return Path(save)

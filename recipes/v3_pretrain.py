@@ -149,7 +149,7 @@ def main(argv=None) -> int:
 
     def save() -> Path:
         tensors, meta = trainer.checkpoint_state()
-        path = save_checkpoint(args.save, tensors, model_cfg, trainer.step,
+        path = save_checkpoint(args.save, tensors, model_cfg, trainer.step, tokenizer=tokenizer_path,
                                extra={"train": meta, "data": loader.state_dict(), "schedule": schedules.state_dict(),
                                       "schedule_config": schedule_cfg.to_dict()})
         if env.is_main:

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from moelib.config import ModelConfig
 from moelib.errors import CheckpointError
+from moelib.train.tokenizer import write_hf_tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT = "moelib-checkpoint-1"
@@ -55,8 +56,9 @@ def step_dir(root: str | os.PathLike, step: int) -> Path:
 
 
 def save_checkpoint(root: str | os.PathLike, state: dict[str, torch.Tensor], cfg: ModelConfig, step: int,
-                    extra: dict[str, Any] | None = None) -> Path:
-    """Write ``state`` (global names -> tensors) as checkpoint ``step`` under ``root``.
+                    extra: dict[str, Any] | None = None, tokenizer: str | os.PathLike | None = None) -> Path:
+    """Write ``state`` (global names -> tensors) as checkpoint ``step`` under ``root``, with the
+    ``tokenizer`` (a tokenizer.json) and the files transformers' AutoTokenizer needs beside it, if given.
 
     Collective when torch.distributed has several ranks: each passes the tensors it holds; a name several
     ranks hold (replicas over DP, pipeline copies) is written once, by the lowest rank holding it, into
@@ -64,6 +66,8 @@ def save_checkpoint(root: str | os.PathLike, state: dict[str, torch.Tensor], cfg
     directory into place and updates ``latest``; before that rename nothing is visible under its name.
     """
     root = Path(root)
+    if tokenizer is not None and not Path(tokenizer).is_file():  # every rank gets the same path: all refuse
+        raise CheckpointError(f"{tokenizer}: the tokenizer to save with checkpoint {step} does not exist")
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     final = step_dir(root, step)
@@ -97,6 +101,8 @@ def save_checkpoint(root: str | os.PathLike, state: dict[str, torch.Tensor], cfg
         manifest = {"format": FORMAT, "step": step, "model": cfg.to_dict(), "weight_map": index,
                     **checksum_fields(merged), **(extra or {})}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        if tokenizer is not None:
+            write_hf_tokenizer(tokenizer, tmp, cfg.max_position_embeddings)
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)

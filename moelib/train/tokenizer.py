@@ -1,9 +1,13 @@
-"""A thin wrapper over a Hugging Face ``tokenizers`` tokenizer.json, and local byte-level BPE training."""
+"""A thin wrapper over a Hugging Face ``tokenizers`` tokenizer.json, local byte-level BPE training, and the
+files that let ``transformers.AutoTokenizer`` load it beside a checkpoint or an export."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -101,3 +105,24 @@ def train_bpe(source: Iterable[str] | Sequence[os.PathLike], vocab_size: int, *,
         wrapped.save(save_path)
     return wrapped
 
+
+
+def write_hf_tokenizer(tokenizer_json: str | os.PathLike, out_dir: str | os.PathLike,
+                       model_max_length: int | None = None) -> list[str]:
+    """The files written: ``tokenizer.json`` copied into ``out_dir`` (unless already there) with the
+    tokenizer_config.json and special_tokens_map.json that ``AutoTokenizer.from_pretrained(out_dir)`` reads.
+
+    The end-of-document token serves as BOS, EOS and padding (as GPT-2's ``<|endoftext|>``); nothing is added
+    when encoding, so transformers' ids equal ``Tokenizer.encode``'s."""
+    tok = Tokenizer.from_file(tokenizer_json, require_eod=False)
+    out = Path(out_dir)
+    if not (out / "tokenizer.json").exists() or not (out / "tokenizer.json").samefile(tokenizer_json):
+        shutil.copyfile(tokenizer_json, out / "tokenizer.json")
+    special = {} if tok.eod_token is None else {k: tok.eod_token for k in ("bos_token", "eos_token", "pad_token")}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "add_bos_token": False,
+              "add_eos_token": False, "clean_up_tokenization_spaces": False}
+    if model_max_length is not None:
+        config["model_max_length"] = model_max_length
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]

@@ -212,3 +212,5 @@ def test_yaml_written_lr_trains(tmp_path):
     steps = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2] and all(math.isfinite(s["loss"]) for s in steps)
     assert steps[0]["lr"] <= 3e-3
+    step = tmp_path / "ck" / (tmp_path / "ck" / "latest").read_text().strip()
+    assert (step / "tokenizer.json").is_file() and (step / "tokenizer_config.json").is_file()  # trained-on BPE
