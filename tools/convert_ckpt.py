@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -48,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    warnings.showwarning = lambda message, *_, **__: print(f"convert_ckpt: warning: {message}", file=sys.stderr)
     # The work is per-tensor casts and quantisation between reads and writes; on busy cores OpenMP's
     # barriers made 2 threads 5-15x slower than 1 (see BENCHMARKS.md), so one thread is the default.
     torch.set_num_threads(max(1, args.threads))

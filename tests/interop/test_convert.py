@@ -15,7 +15,7 @@ from moelib import ModelConfig, TrainConfig, YarnConfig, load_model
 from moelib.convert import export_hf, import_hf
 from moelib.model import build_model
 from moelib.precision.fp8 import dequantize, quantize
-from moelib.train.checkpoint import FORMAT, CheckpointReader, load_checkpoint
+from moelib.train.checkpoint import FORMAT, CheckpointReader, checksum_fields, load_checkpoint, tensor_checksum
 from moelib.train.trainer import Trainer
 
 transformers = pytest.importorskip("transformers", reason="transformers is needed for the interop tests")
@@ -45,7 +45,8 @@ def write_multirank_checkpoint(state: dict, cfg: ModelConfig, root: Path, extra:
         fname = f"model-{r:05d}-of-{RANKS:05d}.safetensors"
         save_file(tensors, str(step / fname), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, fname))
-    manifest = {"format": FORMAT, "step": 7, "model": cfg.to_dict(), "weight_map": weight_map}
+    sums = checksum_fields({name: tensor_checksum(t) for tensors in shards for name, t in tensors.items()})
+    manifest = {"format": FORMAT, "step": 7, "model": cfg.to_dict(), "weight_map": weight_map, **sums}
     (step / "manifest.json").write_text(json.dumps(manifest))
     (root / "latest").write_text("iter_0000007\n")
     (step / "tokenizer.json").write_text('{"version": "1.0"}')
