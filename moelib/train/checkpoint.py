@@ -74,7 +74,7 @@ def save_checkpoint(root: str | os.PathLike, state: dict[str, torch.Tensor], cfg
     tmp = root / f".{final.name}.tmp"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
+        _remove_stale(root)  # before this save's own directory exists, so never a part of it
         tmp.mkdir()
     names: list = [sorted(state)] if not distributed else [None] * world
     if distributed:
@@ -103,15 +103,36 @@ def save_checkpoint(root: str | os.PathLike, state: dict[str, torch.Tensor], cfg
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if tokenizer is not None:
             write_hf_tokenizer(tokenizer, tmp, cfg.max_position_embeddings)
+        # Re-saving a step: the old copy steps aside (resolve() falls back to it while ``final`` is missing),
+        # the new one moves in, and only then is the old one deleted.
+        aside = _aside(final)
         if final.exists():
-            shutil.rmtree(final)
+            os.rename(final, aside)
         os.rename(tmp, final)
         latest_tmp = root / ".latest.tmp"
         latest_tmp.write_text(f"{final.name}\n")
         os.replace(latest_tmp, root / "latest")
+        shutil.rmtree(aside, ignore_errors=True)
     if distributed:
         dist.barrier()
     return final
+
+
+def _aside(final: Path) -> Path:
+    return final.parent / f".{final.name}.old"
+
+
+def _remove_stale(root: Path) -> None:
+    """Remove what a killed save left behind: partial ``.iter_*.tmp`` directories, and a step's previous copy
+    set aside by a re-save (moved back if the new copy never arrived)."""
+    for tmp in root.glob(".iter_*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for aside in root.glob(".iter_*.old"):
+        final = root / aside.name[1:-len(".old")]
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(aside, final)
 
 
 def _maybe_stall(step: int) -> None:
@@ -129,7 +150,9 @@ def resolve(path: str | os.PathLike) -> Path:
         return path
     latest = path / "latest"
     if latest.is_file():
-        return path / latest.read_text().strip()
+        step = path / latest.read_text().strip()
+        # Mid re-save of that step, its old copy is set aside for an instant (save_checkpoint).
+        return step if step.exists() or not _aside(step).is_dir() else _aside(step)
     raise CheckpointError(f"{path}: neither a checkpoint directory (no {MANIFEST}) nor a root with a 'latest' file")
 
 

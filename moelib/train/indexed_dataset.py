@@ -108,16 +108,27 @@ class IndexedDataset:
             raise DataError(f"{path} has a negative sequence length.")
 
     def _validate_pointers(self) -> None:
+        """Writers (Megatron's and ours) lay sequences end to end, so pointer i+1 = pointer i + length i x item
+        size and the .bin holds exactly sum(lengths) x item size bytes. A dtype code changed after writing
+        (int32 -> uint16) breaks both, where bounds checks alone would read every token wrongly."""
         itemsize = self.dtype.itemsize
         ptr, lengths = self.sequence_pointers, self.sequence_lengths
-        if len(ptr) and (np.any(ptr < 0) or np.any(ptr % itemsize)):
-            raise DataError(f"{self.idx_path} has a sequence pointer that is negative or not a multiple of the "
-                            f"{self.dtype.name} item size {itemsize}.")
-        needed = int((ptr + lengths.astype(np.int64) * itemsize).max()) if len(ptr) else 0
+        expected = np.concatenate([[0], np.cumsum(lengths[:-1].astype(np.int64) * itemsize)]) if len(ptr) else ptr
+        wrong = np.flatnonzero(ptr != expected)
+        if len(wrong):
+            i = int(wrong[0])
+            raise DataError(f"{self.idx_path} has inconsistent sequence pointers: sequence {i} starts at byte "
+                            f"{int(ptr[i])}, but the lengths before it, in the dtype code's {self.dtype.name} tokens, "
+                            f"put it at byte {int(expected[i])}.")
+        needed = int(lengths.sum(dtype=np.int64)) * itemsize
         have = os.path.getsize(self.bin_path)
         if have < needed:
             raise DataError(f"{self.bin_path} is shorter than its index says: it has {have} bytes, "
-                            f"{self.idx_path} points up to byte {needed}.")
+                            f"{self.idx_path} describes {needed}.")
+        if have > needed:
+            raise DataError(f"{self.bin_path} holds {have} bytes, but {self.idx_path} describes {needed} "
+                            f"({lengths.sum(dtype=np.int64)} {self.dtype.name} tokens): the dtype code or the "
+                            f"files do not match.")
         self.token_offsets = ptr // itemsize  # pointers in tokens, for slicing the token map
 
     # -- access ------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -78,3 +80,44 @@ def test_keep_last_k_and_lazy_reader(tmp_path, model):
     assert torch.equal(reader.get(name), m.state_dict()[name])
     with pytest.raises(CheckpointError, match="not in the checkpoint"):
         reader.get("no.such.tensor")
+
+
+def test_stale_leftovers_of_killed_saves_are_removed(tmp_path, model):
+    cfg, m = model
+    ckpt.save_checkpoint(tmp_path, m.state_dict(), cfg, 1)
+    ckpt.save_checkpoint(tmp_path, m.state_dict(), cfg, 2)
+    (tmp_path / ".iter_0000003.tmp").mkdir()  # killed while writing step 3
+    (tmp_path / ".iter_0000003.tmp" / "model-00000-of-00001.safetensors").write_bytes(b"partial")
+    (tmp_path / ".iter_0000002.old").mkdir()  # killed after a re-save of step 2 moved in
+    os.rename(tmp_path / "iter_0000001", tmp_path / ".iter_0000001.old")  # killed between a re-save's renames
+    ckpt.save_checkpoint(tmp_path, m.state_dict(), cfg, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "iter_0000002", "iter_0000004", "latest"]
+    assert ckpt.load_checkpoint(tmp_path / "iter_0000001")[0]["step"] == 1
+
+
+def test_resaving_a_step_never_leaves_latest_naming_nothing(tmp_path, model, monkeypatch):
+    """Every file-system change of the re-save (each rename, the final delete) is bracketed by a load of the
+    root: it always finds a complete checkpoint of that step."""
+    cfg, m = model
+    ckpt.save_checkpoint(tmp_path, m.state_dict(), cfg, 5, extra={"copy": "first"})
+    copies = []
+
+    def loads():
+        manifest, state = ckpt.load_checkpoint(tmp_path)
+        assert manifest["step"] == 5 and state.keys() == m.state_dict().keys()
+        copies.append(manifest["copy"])
+
+    def bracketed(real):
+        def call(*args, **kwargs):
+            loads()
+            out = real(*args, **kwargs)
+            loads()
+            return out
+        return call
+
+    for module, name in ((os, "rename"), (os, "replace"), (shutil, "rmtree")):
+        monkeypatch.setattr(module, name, bracketed(getattr(module, name)))
+    ckpt.save_checkpoint(tmp_path, m.state_dict(), cfg, 5, extra={"copy": "second"})
+    monkeypatch.undo()
+    assert copies[0] == "first" and copies[-1] == "second" and len(copies) >= 6
+    assert ckpt.load_checkpoint(tmp_path)[0]["copy"] == "second" and not list(tmp_path.glob(".iter*"))

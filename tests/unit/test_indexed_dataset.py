@@ -115,12 +115,22 @@ def _corrupt(kind, prefix):
     if kind == "short .bin":
         os.truncate(bin_, os.path.getsize(bin_) - 1)
         return bin_
+    if kind == "long .bin":
+        with open(bin_, "ab") as f:
+            f.write(b"\x00\x00")
+        return bin_
     if kind == "bad magic":
         raw[:9] = b"NOTMEGATR"
     elif kind == "wrong version":
         raw[9:17] = struct.pack("<Q", 2)
     elif kind == "unknown dtype":
         raw[17] = 9
+    elif kind in ("narrowed dtype", "widened dtype"):  # int32 read as uint16, uint16 read as int32
+        raw[17] = {4: 8, 8: 4}[raw[17]]
+    elif kind == "moved pointer":
+        n_seq = struct.unpack_from("<Q", raw, 18)[0]
+        at = 34 + 4 * n_seq + 8 * 2
+        raw[at:at + 8] = struct.pack("<q", struct.unpack_from("<q", raw, at)[0] + 2)
     elif kind == "truncated header":
         raw = raw[:20]
     elif kind == "truncated index":
@@ -131,11 +141,12 @@ def _corrupt(kind, prefix):
     return idx
 
 
-@pytest.mark.parametrize("kind", ["missing .idx", "missing .bin", "short .bin", "bad magic", "wrong version",
-                                  "unknown dtype", "truncated header", "truncated index", "bad document indices"])
+@pytest.mark.parametrize("kind", ["missing .idx", "missing .bin", "short .bin", "long .bin", "bad magic",
+                                  "wrong version", "unknown dtype", "narrowed dtype", "widened dtype", "moved pointer",
+                                  "truncated header", "truncated index", "bad document indices"])
 def test_corrupt_files_raise_data_error_naming_the_file(tmp_path, kind):
     prefix = tmp_path / "c_text_document"
-    write_megatron_by_hand(prefix, DOCS, 8)
+    write_megatron_by_hand(prefix, DOCS, 4 if kind == "narrowed dtype" else 8)
     path = _corrupt(kind, prefix)
     with pytest.raises(DataError) as err:
         IndexedDataset(prefix)
