@@ -141,17 +141,21 @@ def run(args: argparse.Namespace) -> dict[str, int]:
     return stats
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_reporting(prog: str, work, args: argparse.Namespace) -> int:
+    """The exit status of ``work(args)``: 0, or 1 after printing a moelib or OS error as one line."""
     try:
-        run(args)
+        work(args)
     except MoelibError as e:
-        print(f"preprocess_data: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # unreadable input, full disk: still one line, no traceback
-        print(f"preprocess_data: error: {e.filename or ''}: {e.strerror}.", file=sys.stderr)
+        print(f"{prog}: error: {e.filename or ''}: {e.strerror}.", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_reporting("preprocess_data", run, parse_args(argv))
 
 
 if __name__ == "__main__":

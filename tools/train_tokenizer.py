@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from preprocess_data import read_documents  # noqa: E402
+from preprocess_data import read_documents, run_reporting  # noqa: E402
 
-from moelib.errors import DataError, MoelibError  # noqa: E402
+from moelib.errors import DataError  # noqa: E402
 from moelib.train.tokenizer import EOD_TOKEN, train_bpe, write_hf_tokenizer  # noqa: E402
 
 
@@ -64,16 +64,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except MoelibError as e:
-        print(f"train_tokenizer: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"train_tokenizer: error: {e.filename or ''}: {e.strerror}.", file=sys.stderr)
-        return 1
-    return 0
+    return run_reporting("train_tokenizer", run, parse_args(argv))
 
 
 if __name__ == "__main__":
