@@ -124,7 +124,8 @@ def _aside(final: Path) -> Path:
 
 def _remove_stale(root: Path) -> None:
     """Remove what a killed save left behind: partial ``.iter_*.tmp`` directories, and a step's previous copy
-    set aside by a re-save (moved back if the new copy never arrived)."""
+    set aside by a re-save (moved back if the new copy never arrived). Safe because a job saves one step at a
+    time and only its rank 0 creates these, so none belongs to a save in progress."""
     for tmp in root.glob(".iter_*.tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
     for aside in root.glob(".iter_*.old"):
