@@ -65,6 +65,12 @@ def from_hf_name(name: str, cfg: ModelConfig) -> str | None:
     return f"mtp.{k}.{rest}" if rest in _MTP_OWN else f"mtp.{k}.layer.{rest}"
 
 
+def is_hf_mtp(name: str, cfg: ModelConfig) -> bool:
+    """Whether an HF tensor belongs to an MTP layer (layer index num_hidden_layers and up)."""
+    m = _HF_LAYER.fullmatch(name)
+    return m is not None and int(m.group(1)) >= cfg.num_hidden_layers
+
+
 def mtp_shared_copies(cfg: ModelConfig) -> dict[str, str]:
     """HF names of the MTP layers' stored copies -> the moelib tensor they copy."""
     out = {}
