@@ -19,7 +19,8 @@ transformers = pytest.importorskip("transformers", reason="transformers is neede
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+# vocab 4096: the recipe test trains on the default corpus at the tiny preset's vocabulary (cached once).
+SHAPE = dict(vocab_size=4096, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
              num_attention_heads=2, num_key_value_heads=2, n_routed_experts=8, n_group=4, topk_group=2,
              num_experts_per_tok=3, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
              v_head_dim=16, first_k_dense_replace=1, max_position_embeddings=256, initializer_range=0.05)
@@ -111,3 +112,26 @@ def test_cli_import_no_mtp_drops_the_modules(saved, tmp_path):
     assert manifest["model"]["num_nextn_predict_layers"] == 0 and not any(k.startswith("mtp.") for k in state)
     with torch.no_grad():
         assert rel_err(load_model(tmp_path / "ck")(tokens), logits) <= 1e-5
+
+
+def test_recipe_load_takes_the_model_from_the_imported_checkpoint(saved, tmp_path):
+    path, *_ = saved
+    import_hf(path, tmp_path / "ck")
+    _, imported = load_checkpoint(tmp_path / "ck")
+    recipe = [sys.executable, str(REPO / "recipes" / "v3_pretrain.py"), "--load", str(tmp_path / "ck"),
+              "--train-iters", "2", "--seq-length", "32", "--micro-batch-size", "2", "--log-interval", "1",
+              "--peak-tflops", "1", "--save", str(tmp_path / "run"), "--log-json", str(tmp_path / "log.jsonl")]
+    r = subprocess.run(recipe, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2] and all(row["mtp_loss"] > 0 for row in rows)
+    manifest, state = load_checkpoint(tmp_path / "run")
+    assert manifest["step"] == 2 and manifest["model"] == load_checkpoint(tmp_path / "ck")[0]["model"]
+    for name in ("mtp.0.eh_proj.weight", "mtp.0.layer.mlp.experts.0.up_proj.weight", "layers.0.mlp.up_proj.weight"):
+        assert not torch.equal(state[name], imported[name]), name  # trained, MTP included
+    # A --config whose model is another one is refused in one line, before any work.
+    r = subprocess.run(recipe[:2] + ["--config", "tiny"] + recipe[2:], capture_output=True, text=True, cwd=REPO,
+                       timeout=600)
+    lines = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(lines) == 1
+    assert "model config differs from --config tiny (hidden_size 64 there, 256 here)" in lines[0]
