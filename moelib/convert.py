@@ -1,4 +1,4 @@
-"""Streaming conversion between moelib checkpoints and the Hugging Face DeepSeek-V3 layout.
+"""Streaming conversion between moelib checkpoints and the Hugging Face DeepSeek-V3 / DeepSeek-V2 layouts.
 
 Both directions read one tensor at a time from safetensors shards (plain reads at the header's offsets, no
 mmap, no pickle) and write each output shard incrementally: its header is known from the plan, so tensors
@@ -32,6 +32,7 @@ from moelib.errors import CheckpointError, ConfigError
 from moelib.precision.fp8 import dequantize, quantize, scale_grid
 from moelib.train.checkpoint import FORMAT, MANIFEST, CheckpointReader, step_dir
 from moelib.train.hf_format import (
+    FP8_BLOCK,
     HF_HIGH_PRECISION,
     from_hf_config,
     is_hf_mtp,
@@ -43,7 +44,6 @@ from moelib.train.hf_format import (
 log = logging.getLogger("moelib")
 
 INDEX = "model.safetensors.index.json"
-FP8_BLOCK = (128, 128)
 QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                        "weight_block_size": list(FP8_BLOCK)}
 EXPORT_DTYPES = ("fp32", "bf16", "fp8")
@@ -347,7 +347,8 @@ def _export_unit(shards: Shards, hf_name: str, stored: str, dtype: str) -> Unit:
 
 def export_hf(load: str | os.PathLike, save: str | os.PathLike, dtype: str = "bf16", ema: bool = False,
               max_shard_bytes: int = 5 * 10**9, overwrite: bool = False, progress: bool = False) -> Path:
-    """Write a moelib checkpoint (any layout) as a Hugging Face DeepSeek-V3 directory; returns its path."""
+    """Write a moelib checkpoint (any layout) as a Hugging Face DeepSeek-V3 directory (DeepSeek-V2 for V2's
+    routing); returns its path."""
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"--dtype: {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
     reader, cfg, shards, source = open_moelib(load, ema)
@@ -355,6 +356,8 @@ def export_hf(load: str | os.PathLike, save: str | os.PathLike, dtype: str = "bf
         hf_config = to_hf_config(cfg, "float32" if dtype == "fp32" else "bfloat16")
         if dtype == "fp8":
             hf_config["quantization_config"] = dict(QUANTIZATION_CONFIG)
+        if hf_config["model_type"] == "deepseek_v2":
+            source = _without_router_bias(shards, source, reader.path / MANIFEST)
         units = [_export_unit(shards, to_hf_name(name, cfg), stored, dtype) for name, stored in source.items()]
         units += [_export_unit(shards, hf, source[name], dtype) for hf, name in mtp_shared_copies(cfg).items()]
         units.sort(key=lambda u: _hf_order(u.outputs[0][0]))
@@ -368,6 +371,15 @@ def export_hf(load: str | os.PathLike, save: str | os.PathLike, dtype: str = "bf
     finally:
         shards.close()
     return Path(save)
+
+
+def _without_router_bias(shards: Shards, source: dict[str, str], manifest: Path) -> dict[str, str]:
+    """``source`` less the router biases, which deepseek_v2 does not have: only all-zero ones can go."""
+    for name, stored in source.items():
+        if name.endswith("e_score_correction_bias") and shards.get(stored).any():
+            raise CheckpointError(f"{manifest}: tensor {stored} is not zero, and the deepseek_v2 format has no "
+                                  "router bias to hold it (train V2 models with bias_update_speed 0 to export them)")
+    return {k: v for k, v in source.items() if not k.endswith("e_score_correction_bias")}
 
 
 # -- Hugging Face -> moelib -------------------------------------------------------------------------------------
@@ -492,8 +504,9 @@ def import_hf(load: str | os.PathLike, save: str | os.PathLike, max_shard_bytes:
 # -- loading for inference --------------------------------------------------------------------------------------
 
 def load_model(path: str | os.PathLike):
-    """A CPU model in eval mode from a moelib checkpoint (step directory or root) or an HF DeepSeek-V3
-    directory; calling it on input_ids [B, T] returns the main model's logits [B, T, vocab]."""
+    """A CPU model in eval mode from a moelib checkpoint (step directory or root) or an HF DeepSeek-V3/V2
+    directory (without the MTP modules when no shard holds them); calling it on input_ids [B, T] returns the
+    main model's logits [B, T, vocab]."""
     from moelib.model.transformer import build_model
 
     path = Path(path)
