@@ -9,14 +9,10 @@ from moelib.model import build_model
 from moelib.train.checkpoint import save_checkpoint
 from moelib.train.checkpoint_model import resolve_model_config
 
-SMALL = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, intermediate_size=96, moe_intermediate_size=32,
-             n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2, num_attention_heads=2, q_lora_rank=32,
-             kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
-
 
 @pytest.fixture()
 def stored(tmp_path):
-    cfg = ModelConfig.from_preset("tiny", **SMALL)
+    cfg = ModelConfig.from_preset("tiny", vocab_size=128, hidden_size=64, num_hidden_layers=2)
     save_checkpoint(tmp_path / "ck", build_model(cfg, "fp32", device="meta").to_empty(device="cpu").state_dict(),
                     cfg, 5)
     return cfg, str(tmp_path / "ck")
