@@ -424,13 +424,8 @@ def open_hf(path: str | os.PathLike, drop_mtp: bool = False,
                                   "describes")
     absent = declared.num_nextn_predict_layers > 0 and not any(is_hf_mtp(hf, declared) for hf in weight_map)
     if absent:
-        first = declared.num_hidden_layers
-        layers = f"model.layers.{first}" + (f"-{first + declared.num_nextn_predict_layers - 1}"
-                                            if declared.num_nextn_predict_layers > 1 else "")
-        what = ("dropped (--no-mtp)" if drop_mtp else "absent from the model" if mtp_seed is None
-                else f"freshly initialised with seed {mtp_seed}")
-        log.warning(f"{root}: config.json declares {declared.num_nextn_predict_layers} MTP layer(s) ({layers}.*) "
-                    f"that no shard in {index_name} holds; the MTP modules are {what}")
+        _warn_mtp_absent(root, declared, index_name, "dropped (--no-mtp)" if drop_mtp else "absent from the model"
+                         if mtp_seed is None else f"freshly initialised with seed {mtp_seed}")
     cfg = declared
     if drop_mtp or (absent and mtp_seed is None):
         cfg = dataclasses.replace(declared, num_nextn_predict_layers=0)
@@ -458,6 +453,13 @@ def open_hf(path: str | os.PathLike, drop_mtp: bool = False,
             make = partial(_as_fp32, shards, hf)
         units.append(Unit([(name, torch.float32, shape)], make))
     return cfg, shards, units
+
+
+def _warn_mtp_absent(root: Path, cfg: ModelConfig, index_name: str, what: str) -> None:
+    first, n = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    layers = f"model.layers.{first}" + (f"-{first + n - 1}" if n > 1 else "")
+    log.warning(f"{root}: config.json declares {n} MTP layer(s) ({layers}.*) that no shard in {index_name} holds; "
+                f"the MTP modules are {what}")
 
 
 def _fresh(name: str, shape: tuple[int, ...], std: float, seed: int) -> list[torch.Tensor]:
