@@ -110,6 +110,9 @@ class YarnConfig:
             _number(self, name, lambda v: v >= 0, "a number >= 0")
 
 
+TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
+
+
 @dataclass
 class ModelConfig:
     """The network's shape. Defaults are DeepSeek-V3 671B."""
@@ -133,6 +136,9 @@ class ModelConfig:
     moe_intermediate_size: int = 2048
     n_group: int = 8
     topk_group: int = 4
+    # noaux_tc (V3): groups ranked by the sum of their two best biased scores; group_limited_greedy (V2):
+    # by their best score; greedy (V2-Lite): no group limit.
+    topk_method: str = "noaux_tc"
     scoring_func: str = "sigmoid"
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 2.5
@@ -180,6 +186,8 @@ class ModelConfig:
         _require(self.topk_group * group_size >= self.num_experts_per_tok, c, "topk_group",
                  f"topk_group x experts per group ({self.topk_group} x {group_size}) must be at least "
                  f"num_experts_per_tok ({self.num_experts_per_tok})")
+        _require(self.topk_method in TOPK_METHODS, c, "topk_method",
+                 f"must be one of {', '.join(TOPK_METHODS)}, got {self.topk_method!r}")
         _require(self.scoring_func in ("sigmoid", "softmax"), c, "scoring_func",
                  f"must be 'sigmoid' or 'softmax', got {self.scoring_func!r}")
         _require(isinstance(self.norm_topk_prob, bool), c, "norm_topk_prob",
@@ -285,8 +293,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         intermediate_size=10944, num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512,
         qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
         n_shared_experts=2, num_experts_per_tok=6, moe_intermediate_size=1408, n_group=1, topk_group=1,
-        scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=1.0,
-        num_nextn_predict_layers=0, max_position_embeddings=163840,
+        topk_method="greedy", scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=1.0,
+        aux_loss_alpha=0.001, num_nextn_predict_layers=0, max_position_embeddings=163840, init_std=0.02,
         rope_scaling=dict(factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,
                           beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707),
     ),

@@ -1,4 +1,4 @@
-"""Streaming conversion between moelib checkpoints and the Hugging Face DeepSeek-V3 layout.
+"""Streaming conversion between moelib checkpoints and the Hugging Face DeepSeek-V3 / DeepSeek-V2 layouts.
 
 Both directions read one tensor at a time from safetensors shards (plain reads at the header's offsets, no
 mmap, no pickle) and write each output shard incrementally: its header is known from the plan, so tensors
@@ -12,7 +12,9 @@ pipeline/expert-parallel layout wrote them, so no resharding step exists or is n
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,15 +28,24 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from moelib.config import ModelConfig
+from moelib.config import ModelConfig, TrainConfig
 from moelib.errors import CheckpointError, ConfigError, DataError
 from moelib.precision.fp8 import dequantize, quantize, scale_grid
 from moelib.train.checkpoint import FORMAT, MANIFEST, CheckpointReader, checksum_fields, step_dir, tensor_checksum
-from moelib.train.hf_format import HF_HIGH_PRECISION, from_hf_config, mtp_shared_copies, to_hf_config, to_hf_name
+from moelib.train.hf_format import (
+    FP8_BLOCK,
+    HF_HIGH_PRECISION,
+    from_hf_config,
+    is_hf_mtp,
+    mtp_shared_copies,
+    to_hf_config,
+    to_hf_name,
+)
 from moelib.train.tokenizer import write_hf_tokenizer
 
+log = logging.getLogger("moelib")
+
 INDEX = "model.safetensors.index.json"
-FP8_BLOCK = (128, 128)
 QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                        "weight_block_size": list(FP8_BLOCK)}
 EXPORT_DTYPES = ("fp32", "bf16", "fp8")
@@ -45,6 +56,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 _CODES = {v: k for k, v in _DTYPES.items()}
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+DEFAULT_SEED = TrainConfig.seed  # what a new run seeds its initial weights with
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit; a larger length means a corrupt file
 
 
@@ -352,7 +364,8 @@ def _export_unit(shards: Shards, hf_name: str, stored: str, dtype: str) -> Unit:
 
 def export_hf(load: str | os.PathLike, save: str | os.PathLike, dtype: str = "bf16", ema: bool = False,
               max_shard_bytes: int = 5 * 10**9, overwrite: bool = False, progress: bool = False) -> Path:
-    """Write a moelib checkpoint (any layout) as a Hugging Face DeepSeek-V3 directory; returns its path."""
+    """Write a moelib checkpoint (any layout) as a Hugging Face DeepSeek-V3 directory (DeepSeek-V2 for V2's
+    routing); returns its path."""
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"--dtype: {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
     reader, cfg, shards, source = open_moelib(load, ema)
@@ -360,6 +373,8 @@ def export_hf(load: str | os.PathLike, save: str | os.PathLike, dtype: str = "bf
         hf_config = to_hf_config(cfg, "float32" if dtype == "fp32" else "bfloat16")
         if dtype == "fp8":
             hf_config["quantization_config"] = dict(QUANTIZATION_CONFIG)
+        if hf_config["model_type"] == "deepseek_v2":
+            source = _without_router_bias(shards, source, reader.path / MANIFEST)
         units = [_export_unit(shards, to_hf_name(name, cfg), stored, dtype) for name, stored in source.items()]
         units += [_export_unit(shards, hf, source[name], dtype) for hf, name in mtp_shared_copies(cfg).items()]
         units.sort(key=lambda u: _hf_order(u.outputs[0][0]))
@@ -377,10 +392,24 @@ def export_hf(load: str | os.PathLike, save: str | os.PathLike, dtype: str = "bf
     return Path(save)
 
 
+def _without_router_bias(shards: Shards, source: dict[str, str], manifest: Path) -> dict[str, str]:
+    """``source`` less the router biases, which deepseek_v2 does not have: only all-zero ones can go."""
+    for name, stored in source.items():
+        if name.endswith("e_score_correction_bias") and shards.get(stored).any():
+            raise CheckpointError(f"{manifest}: tensor {stored} is not zero, and the deepseek_v2 format has no "
+                                  "router bias to hold it (train V2 models with bias_update_speed 0 to export them)")
+    return {k: v for k, v in source.items() if not k.endswith("e_score_correction_bias")}
+
+
 # -- Hugging Face -> moelib -------------------------------------------------------------------------------------
 
-def open_hf(path: str | os.PathLike) -> tuple[ModelConfig, Shards, list[Unit]]:
-    """(config, shards, units producing fp32 moelib tensors) of an HF DeepSeek-V3 directory, all checked."""
+def open_hf(path: str | os.PathLike, drop_mtp: bool = False,
+            mtp_seed: int | None = None) -> tuple[ModelConfig, Shards, list[Unit]]:
+    """(config, shards, units producing fp32 moelib tensors) of an HF DeepSeek-V3/V2 directory, all checked.
+
+    ``drop_mtp``: leave the MTP modules out (config and tensors). MTP layers that config.json declares but no
+    shard holds (transformers never saves them) draw one warning; with ``mtp_seed`` they are initialised as
+    a new run with that seed would, without it the model comes without them."""
     root = Path(path)
     config_path = root / "config.json"
     try:
@@ -391,7 +420,8 @@ def open_hf(path: str | os.PathLike) -> tuple[ModelConfig, Shards, list[Unit]]:
         raise CheckpointError(f"{config_path}: unreadable ({e})") from None
     if not isinstance(hf_config, dict):
         raise CheckpointError(f"{config_path}: not a JSON object")
-    cfg = from_hf_config(hf_config, str(config_path))
+    declared = from_hf_config(hf_config, str(config_path))
+    v2 = hf_config["model_type"] == "deepseek_v2"
     if (root / INDEX).is_file():
         try:
             weight_map = json.loads((root / INDEX).read_text())["weight_map"]
@@ -404,22 +434,33 @@ def open_hf(path: str | os.PathLike) -> tuple[ModelConfig, Shards, list[Unit]]:
     else:
         raise CheckpointError(f"{root}: neither {INDEX} nor model.safetensors is there")
     shards = Shards(root, weight_map, index_name)
-    expected = expected_shapes(cfg)
-    wanted = {to_hf_name(name, cfg): name for name in expected}
-    known = set(wanted) | set(mtp_shared_copies(cfg)) | {f"{n}_scale_inv" for n in wanted}
+    expected = expected_shapes(declared)
+    wanted = {to_hf_name(name, declared): name for name in expected}
+    known = set(wanted) | set(mtp_shared_copies(declared)) | {f"{n}_scale_inv" for n in wanted}
     for hf in weight_map:
         if hf not in known:
             raise CheckpointError(f"{shards.where[hf].path}: tensor {hf} is not part of the model {config_path} "
                                   "describes")
+    absent = declared.num_nextn_predict_layers > 0 and not any(is_hf_mtp(hf, declared) for hf in weight_map)
+    if absent:
+        _warn_mtp_absent(root, declared, index_name, "dropped (--no-mtp)" if drop_mtp else "absent from the model"
+                         if mtp_seed is None else f"freshly initialised with seed {mtp_seed}")
+    cfg = declared
+    if drop_mtp or (absent and mtp_seed is None):
+        cfg = dataclasses.replace(declared, num_nextn_predict_layers=0)
     for hf, source in mtp_shared_copies(cfg).items():
         if hf in shards:
             shards.check(hf, expected[source])
     units = []
-    for hf, name in wanted.items():
-        if hf not in shards:
+    for name, shape in expected_shapes(cfg).items():
+        hf = to_hf_name(name, cfg)
+        if absent and name.startswith("mtp."):
+            make = partial(_fresh, name, shape, cfg.init_std, mtp_seed)
+        elif hf not in shards and name.endswith("e_score_correction_bias") and v2:
+            make = partial(_fresh, name, shape, cfg.init_std, 0)  # zero: DeepSeek-V2 has no selection bias
+        elif hf not in shards:
             raise CheckpointError(f"{root}: tensor {hf} is missing (named by no shard in {index_name})")
-        shape = expected[name]
-        if shards.spec(hf)[0] == torch.float8_e4m3fn:
+        elif shards.spec(hf)[0] == torch.float8_e4m3fn:
             shards.check(hf, shape, (torch.float8_e4m3fn,))
             scale = f"{hf}_scale_inv"
             if scale not in shards:
@@ -433,6 +474,19 @@ def open_hf(path: str | os.PathLike) -> tuple[ModelConfig, Shards, list[Unit]]:
     return cfg, shards, units
 
 
+def _warn_mtp_absent(root: Path, cfg: ModelConfig, index_name: str, what: str) -> None:
+    first, n = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    layers = f"model.layers.{first}" + (f"-{first + n - 1}" if n > 1 else "")
+    log.warning(f"{root}: config.json declares {n} MTP layer(s) ({layers}.*) that no shard in {index_name} holds; "
+                f"the MTP modules are {what}")
+
+
+def _fresh(name: str, shape: tuple[int, ...], std: float, seed: int) -> list[torch.Tensor]:
+    from moelib.model.transformer import init_tensor
+
+    return [init_tensor(torch.empty(shape), name, std, seed)]
+
+
 def _dequantized(shards: Shards, name: str, scale: str) -> list[torch.Tensor]:
     return [dequantize(shards.get(name), shards.get(scale).float(), FP8_BLOCK)]
 
@@ -442,13 +496,16 @@ def _as_fp32(shards: Shards, name: str) -> list[torch.Tensor]:
 
 
 def import_hf(load: str | os.PathLike, save: str | os.PathLike, max_shard_bytes: int = 5 * 10**9,
-              overwrite: bool = False, progress: bool = False) -> Path:
-    """Write an HF DeepSeek-V3 directory (fp32, bf16 or FP8, dequantised on CPU) as a moelib checkpoint root
+              overwrite: bool = False, progress: bool = False, no_mtp: bool = False,
+              seed: int = DEFAULT_SEED) -> Path:
+    """Write an HF DeepSeek-V3/V2 directory (fp32, bf16 or FP8, dequantised on CPU) as a moelib checkpoint root
     holding step 0 and ``latest``; returns the step directory.
 
     The weights are fp32 (moelib's master dtype). The manifest has no training state ("train"), which tells
-    v3_pretrain --load to start a fresh optimizer and data stream from these weights."""
-    cfg, shards, units = open_hf(load)
+    v3_pretrain --load to start a fresh optimizer and data stream from these weights. MTP modules config.json
+    declares but no shard holds start as a new run seeded with ``seed`` would start them; ``no_mtp`` drops
+    the MTP modules instead."""
+    cfg, shards, units = open_hf(load, drop_mtp=no_mtp, mtp_seed=seed)
     try:
         final = step_dir(save, 0)
         with staged(Path(save), overwrite) as tmp:
@@ -469,8 +526,9 @@ def import_hf(load: str | os.PathLike, save: str | os.PathLike, max_shard_bytes:
 # -- loading for inference --------------------------------------------------------------------------------------
 
 def load_model(path: str | os.PathLike):
-    """A CPU model in eval mode from a moelib checkpoint (step directory or root) or an HF DeepSeek-V3
-    directory; calling it on input_ids [B, T] returns the main model's logits [B, T, vocab]."""
+    """A CPU model in eval mode from a moelib checkpoint (step directory or root) or an HF DeepSeek-V3/V2
+    directory (without the MTP modules when no shard holds them); calling it on input_ids [B, T] returns the
+    main model's logits [B, T, vocab]."""
     from moelib.model.transformer import build_model
 
     path = Path(path)

@@ -4,6 +4,7 @@
     mpirun -n 16 python recipes/v3_pretrain.py             # the same, PP x EP x DP chosen for 16 ranks
     mpirun -n 8 python recipes/v3_pretrain.py --config small --pipeline-model-parallel-size 2 \\
         --expert-model-parallel-size 4 --train-iters 1000
+    python recipes/v3_pretrain.py --load checkpoints/from_hf   # continue an import: the model is the checkpoint's
 
 With no --data-path it trains on the embedded default corpus: this interpreter's standard-library
 sources, tokenised with a byte-level BPE trained locally on first use. Without layout flags the layout
@@ -22,13 +23,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moelib import ConfigError, ModelConfig, MoelibError  # noqa: E402
+from moelib import ConfigError, MoelibError  # noqa: E402
 from moelib.config import PIPELINE_SCHEDULES, PRECISION_BACKENDS, PRESETS, RecipeConfig  # noqa: E402
 from moelib.parallel import launch  # noqa: E402
 from moelib.parallel.mesh import auto_layout  # noqa: E402
 from moelib.precision import apex  # noqa: E402
 from moelib.precision.telemetry import collect_telemetry  # noqa: E402
 from moelib.train.checkpoint import CheckpointReader, prune_checkpoints, save_checkpoint  # noqa: E402
+from moelib.train.checkpoint_model import resolve_model_config  # noqa: E402
 from moelib.train.data import BatchLoader, PackedDataset, default_corpus  # noqa: E402
 from moelib.train.faults import SkipGuard, StopRequest  # noqa: E402
 from moelib.train.logger import TrainingLogger  # noqa: E402
@@ -41,8 +43,8 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="tiny",
-                   help=f"a YAML file, or the name of one in recipes/configs ({', '.join(PRESETS)})")
+    p.add_argument("--config", help=f"a YAML file, or the name of one in recipes/configs ({', '.join(PRESETS)}); "
+                                    "default tiny, and with --load but no --config the model is the checkpoint's")
     # Flags left unset keep the YAML's value.
     p.add_argument("--micro-batch-size", type=int)
     p.add_argument("--global-batch-size", type=int, default=None,
@@ -72,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exit-interval", type=int, default=0,
                    help="save and stop once the step is a multiple of N (the schedules still span --train-iters)")
     p.add_argument("--load", help="resume from this checkpoint (a step directory or a --save directory)")
+    p.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model config from --load's checkpoint, the training settings from --config")
     p.add_argument("--log-interval", type=int)
     p.add_argument("--log-json", help="rank 0 appends one JSON line per logged step to this file")
     p.add_argument("--tensorboard-dir", help="also write TensorBoard event files here (needs tensorboard)")
@@ -82,9 +86,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_config(args) -> RecipeConfig:
-    path = Path(args.config) if args.config.endswith((".yaml", ".yml")) else CONFIGS / f"{args.config}.yaml"
+    config = args.config or "tiny"
+    path = Path(config) if config.endswith((".yaml", ".yml")) else CONFIGS / f"{config}.yaml"
     if not path.is_file():
-        raise MoelibError(f"--config {args.config}: no such YAML file ({path}); known: "
+        raise MoelibError(f"--config {config}: no such YAML file ({path}); known: "
                           f"{', '.join(p.stem for p in sorted(CONFIGS.glob('*.yaml')))}")
     train = {"micro_batch_size": args.micro_batch_size, "seq_length": args.seq_length,
              "train_iters": args.train_iters, "lr": args.lr, "min_lr": args.min_lr,
@@ -109,7 +114,8 @@ def main(argv=None) -> int:
     env = launch.init()
     say = launch.rank_zero_print
     run = load_config(args)
-    model_cfg, train_cfg, data_cfg = run.model, run.train, run.data
+    model_cfg = resolve_model_config(run.model, args.config, args.load, args.use_checkpoint_args)
+    train_cfg, data_cfg = run.train, run.data
     par = run.parallel or auto_layout(env.world_size, model_cfg)
     par.validate(env.world_size, model_cfg)
     if data_cfg.data_path:
@@ -137,8 +143,6 @@ def main(argv=None) -> int:
     loader = BatchLoader(dataset, global_batch, seed=train_cfg.seed, dp_rank=mesh.dp_rank, dp_size=mesh.dp)
     if args.load:
         reader = CheckpointReader(args.load)
-        if ModelConfig.from_dict(reader.manifest["model"]) != model_cfg:
-            raise MoelibError(f"{reader.path}: the checkpoint's model config differs from --config {args.config}")
         trainer.load_checkpoint(reader)
         if "train" in reader.manifest:  # a training checkpoint: continue its data and schedules too
             loader.load_state_dict(reader.manifest["data"])
@@ -156,7 +160,8 @@ def main(argv=None) -> int:
             prune_checkpoints(args.save, args.keep_last)
         return path
     counts = model_cfg.param_counts()
-    say(f"model {args.config}: {counts['total'] / 1e6:.1f}M parameters ({counts['activated'] / 1e6:.1f}M activated, "
+    model_name = args.config or (f"of {args.load}" if args.load else "tiny")
+    say(f"model {model_name}: {counts['total'] / 1e6:.1f}M parameters ({counts['activated'] / 1e6:.1f}M activated, "
         f"MTP {counts['mtp'] / 1e6:.1f}M); {env.world_size} rank(s): {mesh.describe()}; "
         f"precision {train_cfg.precision.backend}; "
         f"global batch {global_batch} x {train_cfg.seq_length} tokens; {dataset.num_tokens:,} tokens of data")

@@ -1,8 +1,9 @@
-"""Convert between moelib checkpoints and the Hugging Face DeepSeek-V3 layout (transformers, vLLM, SGLang).
+"""Convert between moelib checkpoints and the Hugging Face DeepSeek-V3 / V2 layouts (transformers, vLLM, SGLang).
 
     python tools/convert_ckpt.py export --load checkpoints/v3_pretrain --save hf/tiny --dtype bf16
     python tools/convert_ckpt.py export --load CKPT --save hf/tiny-fp8 --dtype fp8     # the released FP8 layout
     python tools/convert_ckpt.py import --load hf/tiny --save checkpoints/from_hf     # then: v3_pretrain --load
+    python tools/convert_ckpt.py import --load DeepSeek-V2-Lite --save checkpoints/v2-lite   # model_type deepseek_v2
 
 Tensors stream shard by shard: host memory stays near a few copies of the largest tensor, never the model.
 FP8 is (de)quantised on CPU. The MTP modules and the router biases (e_score_correction_bias, fp32) travel
@@ -22,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moelib.convert import EXPORT_DTYPES, export_hf, import_hf, parse_size  # noqa: E402
+from moelib.convert import DEFAULT_SEED, EXPORT_DTYPES, export_hf, import_hf, parse_size  # noqa: E402
 from moelib.errors import MoelibError  # noqa: E402
 
 
@@ -39,6 +40,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     i = sub.add_parser("import", help="Hugging Face DeepSeek-V3 directory -> moelib checkpoint (step 0)")
     i.add_argument("--load", required=True, help="an HF directory: config.json and safetensors shards")
     i.add_argument("--save", required=True, help="the checkpoint root to create (recipes' --load takes it)")
+    i.add_argument("--no-mtp", action="store_true", help="leave the MTP modules out of the checkpoint")
+    i.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help="initialises MTP modules config.json declares but no shard holds, as a new run with this "
+                        f"--seed would (default {DEFAULT_SEED}); transformers' save_pretrained never stores them")
     for s in (e, i):
         s.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
         s.add_argument("--overwrite", action="store_true", help="replace --save if it exists and is not empty")
@@ -57,7 +62,7 @@ def main(argv=None) -> int:
     if args.command == "export":
         out = export_hf(args.load, args.save, args.dtype, args.ema, size, args.overwrite, not args.no_progress)
     else:
-        out = import_hf(args.load, args.save, size, args.overwrite, not args.no_progress)
+        out = import_hf(args.load, args.save, size, args.overwrite, not args.no_progress, args.no_mtp, args.seed)
     print(f"wrote {out}")
     return 0
 

@@ -14,16 +14,18 @@ from torch import nn
 from moelib.config import ModelConfig
 
 
-def group_limited_topk(biased: torch.Tensor, top_k: int, n_group: int, topk_group: int) -> torch.Tensor:
+def group_limited_topk(biased: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                       per_group: int = 2) -> torch.Tensor:
     """Indices [N, top_k] of the best experts inside the topk_group best groups.
 
-    A group's score is the sum of its two best biased scores (one when groups hold one expert).
-    Dropped groups are masked with -inf, not 0: biased scores can be negative.
+    A group's score is the sum of its per_group best biased scores: two in V3 (one when groups hold one
+    expert), one in V2's group_limited_greedy. Dropped groups are masked with -inf, not 0: biased scores
+    can be negative.
     """
     n_tokens, n_experts = biased.shape
     if n_group > 1 and topk_group < n_group:
         grouped = biased.view(n_tokens, n_group, n_experts // n_group)
-        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+        group_scores = grouped.topk(min(per_group, grouped.shape[-1]), dim=-1).values.sum(-1)
         keep = group_scores.topk(topk_group, dim=-1).indices
         mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
         biased = grouped.masked_fill(~mask.unsqueeze(-1), float("-inf")).view(n_tokens, n_experts)
@@ -52,6 +54,9 @@ class Router(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        if cfg.topk_method == "greedy":  # V2-Lite: plain top-k over all experts
+            self.n_group = self.topk_group = 1
+        self.group_top = 1 if cfg.topk_method == "group_limited_greedy" else 2
         self.scoring_func, self.norm_topk_prob = cfg.scoring_func, cfg.norm_topk_prob
         self.routed_scaling_factor = cfg.routed_scaling_factor
         # The gate stays in fp32 (V3 keeps it out of FP8 and bf16).
@@ -72,7 +77,7 @@ class Router(nn.Module):
             biased = scores + self.e_score_correction_bias
             if self.node_limit is not None:
                 biased = node_limited_scores(biased, self.top_k, *self.node_limit)
-            indices = group_limited_topk(biased, self.top_k, self.n_group, self.topk_group)
+            indices = group_limited_topk(biased, self.top_k, self.n_group, self.topk_group, self.group_top)
         weights = scores.gather(1, indices)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

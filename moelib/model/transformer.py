@@ -187,13 +187,18 @@ def init_weights(model: Transformer, std: float, seed: int) -> None:
     so a pipeline stage or an expert-parallel shard initialises exactly the weights the full model has.
     """
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if name.endswith("e_score_correction_bias"):
-            tensor.zero_()
-        elif tensor.dim() == 1:
-            tensor.fill_(1.0)
-        else:
-            gen = torch.Generator().manual_seed(_tensor_seed(seed, name))
-            tensor.copy_(torch.randn(tensor.shape, generator=gen) * std)
+        init_tensor(tensor, name, std, seed)
+
+
+@torch.no_grad()
+def init_tensor(tensor: torch.Tensor, name: str, std: float, seed: int) -> torch.Tensor:
+    """Fill one tensor as init_weights fills the tensor of that global name (returns it)."""
+    if name.endswith("e_score_correction_bias"):
+        return tensor.zero_()
+    if tensor.dim() == 1:
+        return tensor.fill_(1.0)
+    gen = torch.Generator().manual_seed(_tensor_seed(seed, name))
+    return tensor.copy_(torch.randn(tensor.shape, generator=gen) * std)
 
 
 def build_model(cfg: ModelConfig, precision: PrecisionConfig | str | None = None, *,

@@ -176,6 +176,15 @@ def test_import_of_export_is_bit_identical(trained, exported, dtype, tmp_path):
     assert (step / "tokenizer.json").is_file()
 
 
+def test_import_no_mtp_drops_stored_mtp_modules(trained, exported, tmp_path):
+    cfg, model, state, *_ = trained
+    import_hf(exported["fp32"], tmp_path / "back", no_mtp=True)
+    manifest, back = load_checkpoint(tmp_path / "back")
+    assert manifest["model"] == {**cfg.to_dict(), "num_nextn_predict_layers": 0}
+    assert back.keys() == {k for k in state if not k.startswith("mtp.")}
+    assert all(torch.equal(back[k], state[k]) for k in back)
+
+
 def test_fp8_import_dequantises_edge_blocks(tmp_path):
     """Shapes that are not whole 128 blocks (edge blocks with their own scale) round-trip through moelib's
     dequantiser exactly; transformers 5.24 cannot read these (it assumes whole blocks)."""

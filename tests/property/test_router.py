@@ -81,19 +81,20 @@ def _tie(a: float, b: float, rel: float) -> bool:
 
 
 def reference_select(row: list[float], top_k: int, n_group: int, topk_group: int, rel: float = 1e-5,
-                     mask_value: float | None = None) -> tuple[set[int], bool, set[int]]:
+                     mask_value: float | None = None, per_group: int = 2) -> tuple[set[int], bool, set[int]]:
     """Brute-force group-limited top-k for one token.
 
     Returns (chosen experts, ambiguous, kept groups). ``ambiguous`` is True when a decision boundary
     (kth vs (k+1)th group or expert) is a near-tie, so that fp32 rounding may legitimately decide it
     either way. ``mask_value`` replaces -inf masking by a finite value (to show the difference).
+    A group scores the sum of its ``per_group`` best (2 in V3, 1 in V2's group_limited_greedy).
     """
     n_experts = len(row)
     size = n_experts // n_group
     ambiguous = False
     kept = set(range(n_group))
     if n_group > 1 and topk_group < n_group:
-        group_scores = [sum(sorted(row[g * size:(g + 1) * size], reverse=True)[:2]) for g in range(n_group)]
+        group_scores = [sum(sorted(row[g * size:(g + 1) * size], reverse=True)[:per_group]) for g in range(n_group)]
         order = sorted(range(n_group), key=lambda g: -group_scores[g])
         kept = set(order[:topk_group])
         ambiguous |= _tie(group_scores[order[topk_group - 1]], group_scores[order[topk_group]], rel)
@@ -173,6 +174,28 @@ def test_negative_biased_scores_example_differs_from_zero_masking():
     zero_masked, _, _ = reference_select(biased[0].tolist(), 2, 2, 1, mask_value=0.0)
     assert zero_masked == {2, 3}
     assert set(group_limited_topk(biased, 2, 2, 1)[0].tolist()) == {0, 1}
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=routing_shapes(), n_tokens=st.integers(1, 16), seed=SEEDS,
+       method=st.sampled_from(["greedy", "group_limited_greedy"]))
+def test_v2_topk_methods_match_brute_force(shape, n_tokens, seed, method):
+    """DeepSeek-V2: greedy is plain top-k over every expert; group_limited_greedy ranks groups by their best
+    softmax score (not V3's best two)."""
+    n_experts, n_group, topk_group, top_k = shape
+    cfg = ModelConfig.from_preset("tiny", hidden_size=16, n_routed_experts=n_experts, n_group=n_group,
+                                  topk_group=topk_group, num_experts_per_tok=top_k, topk_method=method,
+                                  scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=1.0)
+    gen = torch.Generator().manual_seed(seed)
+    router = make_router(cfg, gen, logit_scale=4.0)
+    x = torch.randn(n_tokens, cfg.hidden_size, generator=gen)
+    indices, weights, scores = router(x)
+    groups = (n_group, topk_group) if method == "group_limited_greedy" else (1, 1)
+    for t, row in enumerate(scores.tolist()):
+        chosen, ambiguous, _ = reference_select(row, top_k, *groups, per_group=1)
+        if not ambiguous:
+            assert set(indices[t].tolist()) == chosen, f"token {t}: {row}"
+    assert torch.equal(weights, scores.gather(1, indices))  # V2 gates: the plain softmax scores
 
 
 # ---------------------------------------------------------------------------------------------------
