@@ -84,7 +84,7 @@ def configure(model, mode: str):
 def held_per_token(cfg: ModelConfig, backend: str, recompute: str, kind: str, seq: int, seed: int = 1234) -> float:
     """Bytes per token that backward holds for the first ``kind`` ("dense" or "moe") layer of ``cfg``."""
     index = 0 if kind == "dense" else cfg.first_k_dense_replace
-    small = dataclasses.replace(cfg, num_hidden_layers=index + 1, num_nextn_predict_layers=0,
+    small = dataclasses.replace(cfg, num_hidden_layers=cfg.first_k_dense_replace + 1, num_nextn_predict_layers=0,
                                 max_position_embeddings=max(seq, cfg.max_position_embeddings))
     model = configure(build_model(small, backend, seed=seed), recompute)
     model.train()
