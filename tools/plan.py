@@ -5,10 +5,10 @@
     python tools/plan.py --config v2-lite-16b --gpus 8 --gpu h100 --global-batch-size 64 --search
 
 The memory table comes from the real model (moelib.plan.memory; activation bytes measured on CPU proxies
-of the real layers, which takes a minute for a large model); the step time plays the schedule's per-rank
+of the real layers, under a minute); the step time plays the schedule's per-rank
 programs through moelib's event simulator with chunk times from exact FLOPs at --efficiency of the dense
-peak (0.4 by default: a round figure between the 35-40 % bf16 MFU estimated for V3 and the 50-60 % of
-FP8 peak DeepGEMM reaches on V3's shapes) and all-to-all times from the hardware's bandwidths.
+peak of the precision (0.3 by default: about what V3's own 180K H800 GPU-hours per trillion tokens imply
+under this model, see BENCHMARKS.md) and all-to-all times from the hardware's bandwidths.
 --target-gpu-hours solves for the efficiency that takes that many GPU-hours per trillion tokens
 (V3: 180000), which prints the MFU such a figure implies.
 """
@@ -35,6 +35,7 @@ from moelib.plan.planner import (  # noqa: E402
     PlanInputs,
     efficiency_for_gpu_hours,
     make_plan,
+    overflow,
     search,
 )
 
@@ -75,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-length", type=int, default=4096)
     p.add_argument("--global-batch-size", type=int, default=15360, help="sequences per step")
     p.add_argument("--micro-batch-size", type=int, default=1)
-    p.add_argument("--tokens", type=parse_tokens, default=1e12, help="tokens to train, e.g. 14.8T (default 1T)")
+    p.add_argument("--tokens", default="1T", help="tokens to train, e.g. 14.8T (default 1T)")
     p.add_argument("--efficiency", type=float, default=DEFAULT_EFFICIENCY,
                    help=f"achieved fraction of the dense peak (default {DEFAULT_EFFICIENCY})")
     p.add_argument("--target-gpu-hours", type=float, default=None,
@@ -105,9 +106,9 @@ def inputs_from(args) -> PlanInputs:
         if getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag.replace('_', '-')}: must be positive, got {getattr(args, flag)}")
     return PlanInputs(load_model(args.config), hw, args.gpus, args.pp, args.ep, args.schedule, args.precision,
-                      args.seq_length, args.global_batch_size, args.micro_batch_size, args.tokens, args.efficiency,
-                      args.recompute, args.max_nodes_per_token or None, 2 if args.moment_dtype == "bf16" else 4,
-                      args.usable_memory, args.activation_seq)
+                      args.seq_length, args.global_batch_size, args.micro_batch_size, parse_tokens(args.tokens),
+                      args.efficiency, args.recompute, args.max_nodes_per_token or None,
+                      2 if args.moment_dtype == "bf16" else 4, args.usable_memory, args.activation_seq)
 
 
 def describe(plan: Plan) -> str:
@@ -181,10 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{out['implied']['efficiency']:.3f} (MFU {out['implied']['mfu']:.1%} of bf16 peak):")
             print(describe(implied))
     if not plan.fits:
-        m = plan.memory
-        biggest = max(m.rows, key=m.rows.get)
-        raise ConfigError(f"memory: {m.total / GiB:.1f} GiB per GPU exceeds the {out['memory_limit_bytes'] / GiB:.1f} "
-                          f"GiB usable on {inputs.hw.name} (largest row: {biggest}, {m.rows[biggest] / GiB:.1f} GiB)")
+        raise ConfigError(f"memory: the layout {overflow(plan.memory, out['memory_limit_bytes'])} on {inputs.hw.name}")
     return 0
 
 

@@ -17,7 +17,7 @@ from moelib.plan.timing import ChunkTime, StepTime, all_to_all, stage_flops, ste
 from moelib.train.metrics import model_flops_per_token
 
 SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
-DEFAULT_EFFICIENCY = 0.4  # achieved fraction of the dense peak; see tools/plan.py --efficiency
+DEFAULT_EFFICIENCY = 0.3  # achieved fraction of the dense peak; see tools/plan.py --efficiency
 
 
 @dataclass(frozen=True)
@@ -175,17 +175,25 @@ def chunk_times(i: PlanInputs, specs) -> tuple[list[ChunkTime], float]:
     return chunks, a2a.network_share
 
 
-def make_plan(i: PlanInputs, per_token: dict[str, float] | None = None) -> Plan:
-    """The plan of one layout. ``per_token``: activation bytes per token per layer kind (measured if None)."""
+def _per_token(i: PlanInputs) -> dict[str, float]:
+    backend = "fp8-emulated" if i.precision == "fp8" else "bf16"
+    return layer_bytes_per_token(i.model, backend, i.recompute, i.activation_seq)
+
+
+def plan_memory(i: PlanInputs, per_token: dict[str, float] | None = None) -> MemoryTable:
+    """The memory table of one layout (checked first). ``per_token``: activation bytes per token per layer
+    kind (measured if None)."""
     check_inputs(i)
     schedule = build_schedule(i.schedule, i.pp, i.microbatches)
-    specs = split_layers(i.model, schedule.num_stages)
-    if per_token is None:
-        backend = "fp8-emulated" if i.precision == "fp8" else "bf16"
-        per_token = layer_bytes_per_token(i.model, backend, i.recompute, i.activation_seq)
-    table = memory_table(i.model, _parallel(i), i.gpus, schedule, per_token, i.micro_batch_size * i.seq_length,
-                         i.precision, i.moment_bytes)
-    chunks, network_share = chunk_times(i, specs)
+    return memory_table(i.model, _parallel(i), i.gpus, schedule, per_token or _per_token(i),
+                        i.micro_batch_size * i.seq_length, i.precision, i.moment_bytes)
+
+
+def make_plan(i: PlanInputs, per_token: dict[str, float] | None = None) -> Plan:
+    """The plan of one layout: memory table and step time."""
+    table = plan_memory(i, per_token)
+    schedule = build_schedule(i.schedule, i.pp, i.microbatches)
+    chunks, network_share = chunk_times(i, split_layers(i.model, schedule.num_stages))
     return Plan(i, table, step_time(schedule, chunks), tuple(chunks), network_share)
 
 
@@ -216,35 +224,35 @@ class Candidate:
 
 
 def search(i: PlanInputs, per_token: dict[str, float] | None = None) -> list[Candidate]:
-    """Every layout the layout rules allow for ``i.gpus``: PP a power of two (DualPipe when even, 1F1B
-    otherwise and as an alternative), EP any size the experts and nodes allow. Fitting plans first,
-    fastest first; then the others with the reason."""
-    if per_token is None:
-        backend = "fp8-emulated" if i.precision == "fp8" else "bf16"
-        per_token = layer_bytes_per_token(i.model, backend, i.recompute, i.activation_seq)
+    """Every layout the layout rules allow for ``i.gpus``: PP a power of two (DualPipe when even, and 1F1B),
+    EP any size that divides DP and the experts. Fitting plans first, fastest first; then the others with
+    the reason (a broken rule, or the memory that overflows; those are not timed)."""
+    per_token = per_token or _per_token(i)
+    limit = i.usable_memory * i.hw.hbm_bytes
     out = []
     pp = 1
     while pp <= min(i.gpus, i.model.num_hidden_layers):
-        if i.gpus % pp == 0:
-            dp = i.gpus // pp
-            for ep in (e for e in range(1, dp + 1) if dp % e == 0 and i.model.n_routed_experts % e == 0):
-                for schedule in ("dualpipe", "1f1b") if pp > 1 else ("1f1b",):
-                    cand = dataclasses.replace(i, pp=pp, ep=ep, schedule=schedule)
-                    try:
-                        plan = make_plan(cand, per_token)
-                    except ConfigError as e:
-                        out.append(Candidate(cand, None, str(e)))
-                        continue
-                    reason = None if plan.fits else _overflow(plan)
-                    out.append(Candidate(cand, plan, reason))
+        dp = i.gpus // pp
+        eps = [e for e in range(1, dp + 1) if i.gpus % pp == 0 and dp % e == 0 and i.model.n_routed_experts % e == 0]
+        for ep in eps:
+            for schedule in ("dualpipe", "1f1b") if pp > 1 else ("1f1b",):
+                cand = dataclasses.replace(i, pp=pp, ep=ep, schedule=schedule)
+                try:
+                    table = plan_memory(cand, per_token)
+                except ConfigError as e:
+                    out.append(Candidate(cand, None, str(e)))
+                    continue
+                if table.total > limit:
+                    out.append(Candidate(cand, None, overflow(table, limit)))
+                else:
+                    out.append(Candidate(cand, make_plan(cand, per_token), None))
         pp *= 2
     fitting = sorted((c for c in out if c.reason is None), key=lambda c: c.plan.time.step_time_s)
     return fitting + [c for c in out if c.reason is not None]
 
 
-def _overflow(plan: Plan) -> str:
-    rows = plan.memory.rows
-    biggest = max(rows, key=rows.get)
-    limit = plan.inputs.usable_memory * plan.inputs.hw.hbm_bytes
-    return (f"needs {plan.memory.total / 2**30:.1f} GiB per GPU, over the {limit / 2**30:.1f} GiB usable "
-            f"(largest row: {biggest} {rows[biggest] / 2**30:.1f} GiB)")
+def overflow(table: MemoryTable, limit: float) -> str:
+    """Why ``table`` does not fit: the total, the limit and the largest row."""
+    biggest = max(table.rows, key=table.rows.get)
+    return (f"needs {table.total / 2**30:.1f} GiB per GPU, over the {limit / 2**30:.1f} GiB usable "
+            f"(largest row: {biggest} {table.rows[biggest] / 2**30:.1f} GiB)")

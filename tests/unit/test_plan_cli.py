@@ -1,0 +1,68 @@
+"""tools/plan.py: the JSON a user scripts against, and bad input reported in one sentence naming the flag."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moelib.errors import ConfigError
+from tools.plan import main, parse_tokens
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["--config", "tiny", "--gpus", "4", "--gpu", "h100", "--pp", "2", "--ep", "2", "--global-batch-size", "8",
+        "--seq-length", "64", "--activation-seq", "32"]
+
+
+def test_json_has_every_figure_and_a_memory_row_per_table_row(capsys):
+    assert main([*TINY, "--json", "--tokens", "1B"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] is True
+    rows = {"master_weights", "compute_weights", "gradients", "optimizer", "activations"}
+    assert set(out["memory_bytes"]) == rows | {"total"}
+    assert out["memory_bytes"]["total"] == pytest.approx(sum(out["memory_bytes"][r] for r in rows))
+    for key in ("step_time_s", "tokens_per_s", "mfu", "gpu_hours"):
+        assert out[key] > 0, key
+    # PP 2 under DualPipe: each rank holds both stages, so (PP/2 - 1) x ... = no bubble
+    assert out["bubble_fraction"] == pytest.approx(0.0, abs=1e-12) and 0 <= out["exposed_comm_fraction"] < 1
+    assert out["compute_to_comm"] > 0
+    assert out["gpu_hours"] == pytest.approx(4 * 1e9 / out["tokens_per_s"] / 3600)
+
+
+def test_target_gpu_hours_finds_the_efficiency_that_meets_it(capsys):
+    assert main([*TINY, "--json"]) == 0  # 1T tokens at the default efficiency
+    slower = 2 * json.loads(capsys.readouterr().out)["gpu_hours"]
+    assert main([*TINY, "--json", "--target-gpu-hours", str(slower)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["implied"]["gpu_hours"] == pytest.approx(slower, rel=1e-3)
+    assert out["implied"]["efficiency"] < out["efficiency"] and out["implied"]["mfu"] < out["mfu"]
+
+
+@pytest.mark.parametrize("extra, phrase", [
+    (["--pp", "3"], "--pp: 3 does not divide --gpus 4"),
+    (["--ep", "3", "--gpus", "6", "--pp", "1", "--global-batch-size", "6"], "--ep: 3 does not divide the model's 16"),
+    (["--ep", "4"], "--ep: 4 does not divide the data-parallel size 2"),
+    (["--gpu", "a100"], "--gpu: unknown GPU preset 'a100'"),
+    (["--hbm-gb", "0.01"], "memory: the layout needs"),
+    (["--global-batch-size", "6"], "--global-batch-size: dualpipe needs an even number"),
+    (["--tokens", "lots"], "--tokens: 'lots' is not a positive token count"),
+])
+def test_bad_input_is_one_sentence_naming_the_flag(extra, phrase):
+    with pytest.raises(ConfigError) as info:
+        main([*TINY, *extra])
+    assert str(info.value).startswith(phrase) and "\n" not in str(info.value)
+
+
+def test_cli_exits_non_zero_without_traceback():
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "plan.py"), *TINY, "--pp", "3"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "plan: error: --pp: 3 does not divide --gpus 4"
+
+
+def test_token_counts_take_suffixes():
+    assert parse_tokens("14.8T") == pytest.approx(14.8e12)
+    assert parse_tokens("500B") == 5e11 and parse_tokens("2M") == 2e6 and parse_tokens("1000") == 1000
