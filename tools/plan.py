@@ -8,7 +8,8 @@ The memory table comes from the real model (moelib.plan.memory; activation bytes
 of the real layers, under a minute); the step time plays the schedule's per-rank
 programs through moelib's event simulator with chunk times from exact FLOPs at --efficiency of the dense
 peak of the precision (0.3 by default: about what V3's own 180K H800 GPU-hours per trillion tokens imply
-under this model, see BENCHMARKS.md) and all-to-all times from the hardware's bandwidths.
+under this model, see BENCHMARKS.md; or the GEMM rates a GPU's `bench.py kernels` JSON measured, with
+--kernels) and all-to-all times from the hardware's bandwidths.
 --target-gpu-hours solves for the efficiency that takes that many GPU-hours per trillion tokens
 (V3: 180000), which prints the MFU such a figure implies.
 """
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moelib.config import ModelConfig, RecipeConfig  # noqa: E402
 from moelib.errors import ConfigError, MoelibError  # noqa: E402
-from moelib.plan.hardware import PRESETS, hardware  # noqa: E402
+from moelib.plan.hardware import PRESETS, efficiency_from_kernels, hardware  # noqa: E402
 from moelib.plan.memory import ROWS  # noqa: E402
 from moelib.plan.planner import (  # noqa: E402
     DEFAULT_EFFICIENCY,
@@ -79,6 +80,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", default="1T", help="tokens to train, e.g. 14.8T (default 1T)")
     p.add_argument("--efficiency", type=float, default=DEFAULT_EFFICIENCY,
                    help=f"achieved fraction of the dense peak (default {DEFAULT_EFFICIENCY})")
+    p.add_argument("--kernels", default=None,
+                   help="a bench.py kernels JSON from the GPU: its measured GEMM rates replace --efficiency")
     p.add_argument("--target-gpu-hours", type=float, default=None,
                    help="GPU-hours per trillion tokens to solve the efficiency for (V3: 180000)")
     p.add_argument("--recompute", default="selective", choices=("none", "selective", "full"))
@@ -105,9 +108,10 @@ def inputs_from(args) -> PlanInputs:
     for flag in ("seq_length", "global_batch_size", "micro_batch_size", "activation_seq"):
         if getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag.replace('_', '-')}: must be positive, got {getattr(args, flag)}")
+    efficiency = args.efficiency if args.kernels is None else efficiency_from_kernels(args.kernels, hw, args.precision)
     return PlanInputs(load_model(args.config), hw, args.gpus, args.pp, args.ep, args.schedule, args.precision,
                       args.seq_length, args.global_batch_size, args.micro_batch_size, parse_tokens(args.tokens),
-                      args.efficiency, args.recompute, args.max_nodes_per_token or None,
+                      efficiency, args.recompute, args.max_nodes_per_token or None,
                       2 if args.moment_dtype == "bf16" else 4, args.usable_memory, args.activation_seq)
 
 

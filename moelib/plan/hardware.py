@@ -50,3 +50,32 @@ def hardware(name: str, **overrides: float | int | None) -> Hardware:
         if not value > 0:
             raise ConfigError(f"--{key.replace('_', '-')}: must be positive, got {value}")
     return dataclasses.replace(PRESETS[name], **chosen)
+
+
+def efficiency_from_kernels(path: str, hw: Hardware, precision: str) -> float:
+    """The GEMM efficiency a ``bench.py kernels`` JSON measured: all its GEMMs and grouped GEMMs (FP8 rates,
+    or torch's bf16 ones for bf16) as total FLOPs over total time, divided by ``hw``'s dense peak."""
+    import json
+
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"--kernels: cannot read {path} ({e.strerror})") from None
+    except ValueError:
+        raise ConfigError(f"--kernels: {path} is not a JSON file written by bench.py kernels") from None
+    if not isinstance(result, dict) or not isinstance(result.get("gemm"), list):
+        raise ConfigError(f"--kernels: {path} has no 'gemm' list (not a bench.py kernels result)")
+    if result.get("smoke") or result.get("device") != "cuda":
+        raise ConfigError(f"--kernels: {path} is a --smoke or CPU run, whose times say nothing about a GPU")
+    key = "tflops" if precision == "fp8" else "bf16_tflops"
+    flops = seconds = 0.0
+    for g in result["gemm"] + result.get("grouped_gemm", []):
+        rate = g.get(key)
+        if not isinstance(rate, (int, float)) or rate <= 0:
+            continue
+        work = 2.0 * g.get("m", g.get("m_per_expert", 0)) * g.get("experts", 1) * g["n"] * g["k"]
+        flops, seconds = flops + work, seconds + work / (rate * 1e12)
+    if not flops:
+        raise ConfigError(f"--kernels: {path} holds no {precision} GEMM rate")
+    return min(1.0, flops / seconds / hw.peak_flops(precision))

@@ -66,3 +66,22 @@ def test_cli_exits_non_zero_without_traceback():
 def test_token_counts_take_suffixes():
     assert parse_tokens("14.8T") == pytest.approx(14.8e12)
     assert parse_tokens("500B") == 5e11 and parse_tokens("2M") == 2e6 and parse_tokens("1000") == 1000
+
+
+def test_measured_kernel_rates_set_the_efficiency(tmp_path, capsys):
+    # two GEMMs of equal work at 1000 and 500 TFLOP/s: 2 units of work in 1/1000 + 1/500 -> 666.7 TFLOP/s
+    gemms = [{"name": "a", "m": 4096, "n": 2048, "k": 7168, "tflops": 1000.0, "bf16_tflops": 600.0},
+             {"name": "b", "experts": 2, "m_per_expert": 2048, "n": 2048, "k": 7168, "tflops": 500.0}]
+    path = tmp_path / "kernels.json"
+    path.write_text(json.dumps({"device": "cuda", "smoke": False, "gemm": gemms[:1], "grouped_gemm": gemms[1:]}))
+    assert main([*TINY, "--json", "--kernels", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["efficiency"] == pytest.approx(2000 / 3 / 1979)
+    assert main([*TINY, "--json", "--kernels", str(path), "--precision", "bf16"]) == 0
+    assert json.loads(capsys.readouterr().out)["efficiency"] == pytest.approx(600 / 989)
+
+
+def test_a_smoke_kernels_run_is_refused(tmp_path):
+    path = tmp_path / "smoke.json"
+    path.write_text(json.dumps({"device": "cpu", "smoke": True, "gemm": []}))
+    with pytest.raises(ConfigError, match="^--kernels: .* is a --smoke or CPU run"):
+        main([*TINY, "--kernels", str(path)])
