@@ -42,6 +42,10 @@ class Param:
     expert: bool         # routed experts: split EP ways
     decay: bool          # >= 2-D: AdamW's weight-decay bucket
     compute: str         # the per-step copy: "linear" (compute dtype), "bf16" (head, eh_proj) or "none"
+    owner: int           # decoder layer id; EMBEDDING; or LAST (final norm, head, MTP: the last stage's)
+
+
+EMBEDDING, LAST = -1, -2
 
 
 @functools.lru_cache(maxsize=8)
@@ -58,8 +62,20 @@ def _inventory(cfg_json: str) -> tuple[Param, ...]:
         else:
             compute = "linear"
         expert = ".experts." in name or name.endswith(("experts.gate_up_proj", "experts.down_proj"))
-        out.append(Param(name, p.numel(), expert, p.dim() >= 2, compute))
+        if name.startswith("layers."):
+            owner = int(name.split(".")[1])
+        else:
+            owner = EMBEDDING if name.startswith("embed_tokens") else LAST
+        out.append(Param(name, p.numel(), expert, p.dim() >= 2, compute, owner))
     return tuple(out)
+
+
+@functools.lru_cache(maxsize=8)
+def _by_owner(cfg_json: str) -> dict[int, list[Param]]:
+    groups: dict[int, list[Param]] = {}
+    for p in _inventory(cfg_json):
+        groups.setdefault(p.owner, []).append(p)
+    return groups
 
 
 def inventory(cfg: ModelConfig) -> tuple[Param, ...]:
@@ -67,24 +83,20 @@ def inventory(cfg: ModelConfig) -> tuple[Param, ...]:
     return _inventory(json.dumps(cfg.to_dict(), sort_keys=True))
 
 
-def _owned(name: str, spec: StageSpec, keep_embedding: bool) -> bool:
-    """Whether stage ``spec`` holds ``name`` (moelib.parallel.pipeline.stage.prune's rule)."""
-    if name.startswith("layers."):
-        return int(name.split(".")[1]) in spec.layer_ids
-    if name.startswith("embed_tokens"):
-        return spec.is_first or keep_embedding
-    return spec.is_last  # final norm, head, MTP modules
-
-
 def rank_params(cfg: ModelConfig, schedule: Schedule, rank: int) -> list[list[Param]]:
-    """Per chunk on pipeline rank ``rank``: the parameters its stage module holds (full-model sizes)."""
+    """Per chunk on pipeline rank ``rank``: the parameters its stage module holds (full-model sizes), by
+    moelib.parallel.pipeline.stage.prune's rule: its layers, the embedding on the first stage (and on a last
+    stage with MTP when no stage 0 shares its rank), final norm, head and MTP on the last."""
     specs = split_layers(cfg, schedule.num_stages)
     stages = [schedule.stage_of(rank, c) for c in range(len(schedule.placement[rank]))]
     has_first = 0 in stages
+    groups = _by_owner(json.dumps(cfg.to_dict(), sort_keys=True))
     chunks = []
     for s in stages:
-        keep = specs[s].is_last and not has_first and cfg.num_nextn_predict_layers > 0
-        chunks.append([p for p in inventory(cfg) if _owned(p.name, specs[s], keep)])
+        spec = specs[s]
+        keep = spec.is_last and not has_first and cfg.num_nextn_predict_layers > 0
+        owners = [*spec.layer_ids, *([EMBEDDING] if spec.is_first or keep else []), *([LAST] if spec.is_last else [])]
+        chunks.append([p for owner in owners for p in groups.get(owner, [])])
     return chunks
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from moelib.config import ModelConfig, ParallelConfig
 from moelib.errors import ConfigError
-from moelib.parallel.pipeline.schedule import build_schedule
+from moelib.parallel.pipeline.schedule import Schedule, build_schedule
 from moelib.parallel.pipeline.stage import split_layers
 from moelib.plan.activations import layer_bytes_per_token
 from moelib.plan.hardware import Hardware
@@ -180,19 +180,21 @@ def _per_token(i: PlanInputs) -> dict[str, float]:
     return layer_bytes_per_token(i.model, backend, i.recompute, i.activation_seq)
 
 
-def plan_memory(i: PlanInputs, per_token: dict[str, float] | None = None) -> MemoryTable:
+def plan_memory(i: PlanInputs, per_token: dict[str, float] | None = None, schedule: Schedule | None = None
+                ) -> MemoryTable:
     """The memory table of one layout (checked first). ``per_token``: activation bytes per token per layer
     kind (measured if None)."""
     check_inputs(i)
-    schedule = build_schedule(i.schedule, i.pp, i.microbatches)
+    schedule = schedule or build_schedule(i.schedule, i.pp, i.microbatches)
     return memory_table(i.model, _parallel(i), i.gpus, schedule, per_token or _per_token(i),
                         i.micro_batch_size * i.seq_length, i.precision, i.moment_bytes)
 
 
 def make_plan(i: PlanInputs, per_token: dict[str, float] | None = None) -> Plan:
     """The plan of one layout: memory table and step time."""
-    table = plan_memory(i, per_token)
+    check_inputs(i)
     schedule = build_schedule(i.schedule, i.pp, i.microbatches)
+    table = plan_memory(i, per_token, schedule)
     chunks, network_share = chunk_times(i, split_layers(i.model, schedule.num_stages))
     return Plan(i, table, step_time(schedule, chunks), tuple(chunks), network_share)
 
