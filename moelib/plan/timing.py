@@ -18,6 +18,8 @@ all-to-all time): F = Fc + Cf, B = Bc + Cb, I = Bc - Wc + Cb, W = Wc (nothing to
 F&B of a forward chunk f and a backward chunk b = max(Fc_f + Bc_b, Cf_f + Cb_b): each half's all-to-all
 runs while the other half computes, so only communication beyond the partner's compute is exposed.
 Anything above the compute of an op is exposed communication; the rest of the step is bubble.
+Not modelled: the data-parallel gradient reduction and ZeRO all-gather after the pipeline drains, the
+optimizer step, and the SMs DeepEP takes from compute while it communicates (V3: 20 of 132).
 """
 
 from __future__ import annotations

@@ -63,6 +63,15 @@ def test_cli_exits_non_zero_without_traceback():
     assert proc.stderr.strip() == "plan: error: --pp: 3 does not divide --gpus 4"
 
 
+def test_a_recipe_yaml_gives_the_same_plan_as_its_preset(capsys):
+    assert main([*TINY, "--json"]) == 0
+    by_preset = json.loads(capsys.readouterr().out)
+    assert main([*TINY, "--json", "--config", str(REPO / "recipes" / "configs" / "tiny.yaml")]) == 0
+    assert json.loads(capsys.readouterr().out) == by_preset
+    with pytest.raises(ConfigError, match="^--config: 'tinyy' is neither a model preset nor a recipe .yaml file$"):
+        main([*TINY, "--config", "tinyy"])
+
+
 def test_token_counts_take_suffixes():
     assert parse_tokens("14.8T") == pytest.approx(14.8e12)
     assert parse_tokens("500B") == 5e11 and parse_tokens("2M") == 2e6 and parse_tokens("1000") == 1000
