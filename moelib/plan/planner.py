@@ -149,8 +149,9 @@ def check_inputs(i: PlanInputs) -> ParallelConfig:
         raise ConfigError(f"--global-batch-size: ZB1P needs at least --pp = {i.pp} micro-batches per data-parallel "
                           f"rank, got {m}")
     rpn = i.hw.gpus_per_node
-    if i.ep > rpn and i.ep % rpn:
-        raise ConfigError(f"--ep: {i.ep} must fill whole nodes of {rpn} GPUs (--gpus-per-node) when larger than one")
+    if (i.ep > rpn and i.ep % rpn) or (i.ep < rpn and rpn % i.ep):
+        raise ConfigError(f"--ep: {i.ep} cuts nodes of {rpn} GPUs (--gpus-per-node) unevenly; one must divide "
+                          "the other")
     # zb1p is a schedule of the simulator only; the trainer's layout rules are checked with 1f1b in its place
     par = ParallelConfig(pipeline_model_parallel_size=i.pp, expert_model_parallel_size=i.ep,
                          pipeline_schedule="1f1b" if i.schedule == "zb1p" else i.schedule, num_microbatches=m)

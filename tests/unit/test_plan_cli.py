@@ -46,6 +46,7 @@ def test_target_gpu_hours_finds_the_efficiency_that_meets_it(capsys):
     (["--ep", "3", "--gpus", "6", "--pp", "1", "--global-batch-size", "6"], "--ep: 3 does not divide the model's 16"),
     (["--ep", "4"], "--ep: 4 does not divide the data-parallel size 2"),
     (["--gpu", "a100"], "--gpu: unknown GPU preset 'a100'"),
+    (["--gpus-per-node", "3"], "--ep: 2 cuts nodes of 3 GPUs (--gpus-per-node) unevenly"),
     (["--hbm-gb", "0.01"], "memory: the layout needs"),
     (["--global-batch-size", "6"], "--global-batch-size: dualpipe needs an even number"),
     (["--tokens", "lots"], "--tokens: 'lots' is not a positive token count"),

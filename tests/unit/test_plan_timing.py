@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moelib.config import ModelConfig
 from moelib.parallel.pipeline.schedule import build_schedule
@@ -34,6 +36,18 @@ def test_simulated_bubble_equals_table_2_for_the_plans_chunk_times(name, pp, m):
     chunk = ChunkTime(slow.Fc, slow.Bc, slow.Wc, 0.0, 0.0)  # Table 2 counts compute alone
     s = build_schedule(name, pp, m)
     costs = stage_costs(s, [chunk] * s.num_stages)
+    assert simulate(s, costs).bubble == pytest.approx(published_bubble(s, costs), rel=1e-9)
+
+
+@settings(max_examples=15, deadline=None)
+@given(efficiency=st.floats(0.05, 1.0), seq=st.sampled_from([1024, 4096, 16384]), gpu=st.sampled_from(["h800", "b200"]),
+       name=st.sampled_from(["1f1b", "zb1p", "dualpipe"]), pp=st.sampled_from([4, 6, 8]), extra=st.integers(0, 6))
+def test_table_2_holds_for_any_efficiency_sequence_and_gpu(efficiency, seq, gpu, name, pp, extra):
+    inputs = PlanInputs(V3, hardware(gpu), 2048, 16, 64, seq_length=seq, efficiency=efficiency)
+    chunks = chunk_times(inputs, split_layers(V3, 16))[0]
+    slow = max(chunks, key=lambda c: c.Fc)
+    s = build_schedule(name, pp, 2 * pp + 2 * extra)
+    costs = stage_costs(s, [ChunkTime(slow.Fc, slow.Bc, slow.Wc, 0.0, 0.0)] * s.num_stages)
     assert simulate(s, costs).bubble == pytest.approx(published_bubble(s, costs), rel=1e-9)
 
 
