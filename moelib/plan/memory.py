@@ -13,9 +13,10 @@ Rows (bytes per GPU):
                      embedding, router gates and norms are used in fp32, the head and eh_proj in bf16
     gradients        fp32, one per parameter copy
     optimizer        the two AdamW moments of this rank's ZeRO-1 shards
-    activations      peak in-flight micro-batches (the schedule's count for the rank) x the bytes one
-                     micro-batch leaves on the larger of the rank's chunks (measured per layer, see
-                     activations.py; an MTP block counts as a MoE layer; the head and loss are not counted)
+    activations      the most bytes the rank's program holds at once: each forward adds what one
+                     micro-batch leaves on that chunk's stage (measured per layer, see activations.py; an
+                     MTP block counts as a MoE layer; the head and loss are not counted), each backward
+                     frees it
 EMA (fp32, one per distinct parameter) lives in host memory and is reported beside the table.
 """
 
@@ -150,6 +151,19 @@ def stage_activation_bytes(cfg: ModelConfig, spec: StageSpec, per_token: dict[st
     return tokens * layers
 
 
+def peak_activation_bytes(schedule: Schedule, rank: int, chunk_bytes: list[float]) -> float:
+    """The most activation bytes ``rank`` holds at once, its program walked as ``peak_activations`` does (an
+    F&B's forward counted before its backward frees), each forward adding its chunk's bytes."""
+    live = peak = 0.0
+    for op in schedule.programs[rank]:
+        if op.forward is not None:
+            live += chunk_bytes[op.forward[1]]
+        peak = max(peak, live)
+        if op.backward is not None:
+            live -= chunk_bytes[op.backward[1]]
+    return peak
+
+
 def memory_table(cfg: ModelConfig, par: ParallelConfig, world: int, schedule: Schedule,
                  per_token: dict[str, float], tokens_per_microbatch: int, precision: str = "bf16",
                  moment_bytes: int = 4) -> MemoryTable:
@@ -160,9 +174,9 @@ def memory_table(cfg: ModelConfig, par: ParallelConfig, world: int, schedule: Sc
     for r in range(par.pp):
         rows = state_bytes(cfg, par, world, schedule, r, precision, moment_bytes)
         ema = rows.pop("ema_host")
-        stages = [schedule.stage_of(r, c) for c in range(len(schedule.placement[r]))]
-        chunk = max(stage_activation_bytes(cfg, specs[s], per_token, tokens_per_microbatch) for s in stages)
-        rows["activations"] = peaks[r] * chunk
+        chunk_bytes = [stage_activation_bytes(cfg, specs[schedule.stage_of(r, c)], per_token, tokens_per_microbatch)
+                       for c in range(len(schedule.placement[r]))]
+        rows["activations"] = peak_activation_bytes(schedule, r, chunk_bytes)
         table = MemoryTable({k: rows[k] for k in ROWS}, ema, peaks[r], r)
         if best is None or table.total > best.total:
             best = table

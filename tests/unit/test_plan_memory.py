@@ -56,6 +56,10 @@ def test_dualpipe_holds_two_stages_and_one_more_microbatch_of_activations():
     dp_par = ParallelConfig(pipeline_model_parallel_size=2, expert_model_parallel_size=2, pipeline_schedule="dualpipe")
     dual = memory_table(cfg, dp_par, 4, build_schedule("dualpipe", 2, 4), per_token, 64)
     assert dual.activation_microbatches == 3  # PP + 1
+    # stage 0 = layers 0-2 (dense, MoE, MoE), stage 1 = layer 3 and MTP. Rank 0 peaks after F0 F2 F1: two
+    # micro-batches on stage 0, one on stage 1 (rank 1 the other way round, less); both hold every weight
+    stage0, stage1 = 64 * (1000.0 + 2 * 2000.0), 64 * 2 * 2000.0
+    assert dual.rank == 0 and dual.rows["activations"] == 2 * stage0 + stage1
     one_par = ParallelConfig(pipeline_model_parallel_size=2, expert_model_parallel_size=2, num_microbatches=4)
     one = memory_table(cfg, one_par, 4, build_schedule("1f1b", 2, 4), per_token, 64)
     # the last rank needs the most (head, MTP): 1F1B holds PP - r = 1 micro-batch there, of layer 3 and MTP
