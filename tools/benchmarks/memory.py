@@ -32,14 +32,10 @@ import statistics
 import time
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from moelib import ModelConfig
 from moelib.model import build_model
-from moelib.model.moe import GroupedExperts
-from moelib.model.recompute import apply_recompute
+from moelib.plan.activations import LiveStorages, configure
 from moelib.precision.backends import name_linears
 
 CONFIGS = (("bf16", "none"), ("bf16", "selective"), ("bf16", "full"),
@@ -59,50 +55,6 @@ def add_args(p) -> None:
 
 def variant(args) -> str:
     return args.presets.replace(",", "-")
-
-
-class LiveStorages(TorchDispatchMode):
-    """Tracks every storage an op returns, by weak reference, except the model's parameters, their
-    gradients and buffers (a detach, a view or an in-place add returns those); ``live()`` sums those
-    still alive."""
-
-    def __init__(self, model: torch.nn.Module, track_peak: bool = False):
-        super().__init__()
-        self.refs: dict[int, tuple[StorageWeakRef, int]] = {}
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        self.ignore = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers(), *grads)}
-        self.track_peak, self.peak = track_peak, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                self.add(t)
-        if self.track_peak:
-            self.peak = max(self.peak, self.live())
-        return out
-
-    def add(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
-        key = storage._cdata
-        if key in self.ignore:
-            return
-        known = self.refs.get(key)
-        if known is None or known[0].expired():
-            self.refs[key] = (StorageWeakRef(storage), storage.nbytes())
-
-    def live(self, exclude: tuple[torch.Tensor, ...] = ()) -> int:
-        self.refs = {k: v for k, v in self.refs.items() if not v[0].expired()}
-        skip = {t.untyped_storage()._cdata for t in exclude}
-        return sum(n for k, (_, n) in self.refs.items() if k not in skip)
-
-
-def configure(model, mode: str):
-    for m in model.modules():
-        if isinstance(m, GroupedExperts):
-            m.equal_groups_up_to = 1.0  # see the module docstring
-    exact = mode == "selective-exact"
-    return apply_recompute(model, "selective" if exact else mode, fp8_swiglu_cache=False if exact else None)
 
 
 def layer_bytes(cfg: ModelConfig, backend: str, mode: str, index: int, seq: int, seed: int) -> dict[str, float]:

@@ -45,7 +45,8 @@ class Costs:
     FB: Real | None = None  # F&B; None means F + B (no overlap gain)
     comm: Real = 0  # latency of a message between ranks
 
-    def of(self, op: Op) -> Real:
+    def of(self, op: Op, rank: int = 0) -> Real:
+        """Duration of ``op`` on ``rank``: the same everywhere here; a subclass may vary it by stage."""
         if op.kind == "FB":
             fb = self.F + self.B if self.FB is None else self.FB
             return fb - self.W if op.defer_w else fb
@@ -143,7 +144,7 @@ def simulate(s: Schedule, costs: Costs) -> SimResult:
                 if any(m not in arrival for m in needs):
                     break
                 start = max([free[r], *(arrival[m] for m in needs)])
-                end = start + costs.of(op)
+                end = start + costs.of(op, r)
                 for m in s.produces(r, op):
                     arrival[m] = end if m.local else end + costs.comm
                 events.append(Event(r, op.kind, op.mb, op.chunk, start, end, op.b_mb, op.b_chunk))
@@ -151,7 +152,7 @@ def simulate(s: Schedule, costs: Costs) -> SimResult:
     stuck = [(r, prog[ptr[r]].name) for r, prog in enumerate(s.programs) if ptr[r] < len(prog)]
     if stuck:
         raise ScheduleError(f"{s.name}: deadlock, ranks wait at {stuck}")
-    busy = [sum((costs.of(op) for op in prog), 0) for prog in s.programs]
+    busy = [sum((costs.of(op, r) for op in prog), 0) for r, prog in enumerate(s.programs)]
     return SimResult(s, costs, events, max(free), busy, peak_activations(s))
 
 

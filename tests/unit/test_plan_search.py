@@ -1,0 +1,28 @@
+"""--search: fitting layouts for V2-Lite on 8 H100 and V3 on 2048 H800, with V3's own among the fastest."""
+
+from __future__ import annotations
+
+from moelib.config import ModelConfig
+from moelib.plan.hardware import hardware
+from moelib.plan.planner import PlanInputs, search
+
+
+def test_v2_lite_on_8_h100_finds_fitting_layouts_and_says_why_the_rest_do_not():
+    inputs = PlanInputs(ModelConfig.from_preset("v2-lite-16b"), hardware("h100"), 8, 1, 1, global_batch_size=64)
+    found = search(inputs)
+    fitting = [c for c in found if c.reason is None]
+    assert fitting and all(c.plan.fits for c in fitting)
+    times = [c.plan.time.step_time_s for c in fitting]
+    assert times == sorted(times)
+    rejected = [c for c in found if c.reason is not None]
+    assert rejected and all(c.plan is None for c in rejected)
+    assert any("GiB per GPU, over the" in c.reason for c in rejected)  # EP 1 holds all 64 experts per GPU
+
+
+def test_v3_search_on_2048_h800_ranks_v3s_own_layout_among_the_fastest():
+    # full recompute: with moelib's selective recompute no V3 layout fits in 80 GB (see BENCHMARKS.md)
+    inputs = PlanInputs(ModelConfig.from_preset("v3-671b"), hardware("h800"), 2048, 1, 1, recompute="full")
+    fitting = [c for c in search(inputs) if c.reason is None]
+    layouts = [(c.inputs.pp, c.inputs.ep, c.inputs.schedule) for c in fitting]
+    assert len(fitting) >= 10
+    assert (16, 64, "dualpipe") in layouts[:3], layouts[:5]
