@@ -6,8 +6,11 @@
         --expert-model-parallel-size 4 --train-iters 1000
 
 With no --data-path it trains on the embedded default corpus: this interpreter's standard-library
-sources, tokenised with a byte-level BPE trained locally on first use. Without layout flags the layout
-comes from moelib.parallel.mesh.auto_layout for the world size.
+sources, tokenised with a byte-level BPE trained locally on first use; 5 % of its files are held out for
+validation and 5 % for the test (--split). The valid part is evaluated every --eval-interval steps, the test
+part at the end; the log (--log-json, default log.jsonl in --save) is plotted to training.png beside the
+checkpoints (tools/plot_run.py does it for any log). Without layout flags the layout comes from
+moelib.parallel.mesh.auto_layout for the world size.
 """
 
 from __future__ import annotations
