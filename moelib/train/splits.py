@@ -60,7 +60,8 @@ def build_splits(data_prefix: str, seq_length: int, *, eod_id: int | None, vocab
         for part, flag, path in (("valid", "--valid-data-path", valid_path), ("test", "--test-data-path", test_path)):
             if path and not IndexedDataset.exists(path):
                 raise ConfigError(f"{flag} {path}: no indexed dataset there (expected {path}.bin and {path}.idx)")
-            out[part] = _packed_or_error(lambda p=path: pack(p), f"{flag} {path}") if path else None
+            indexed = IndexedDataset(path) if path else None  # a corrupt file says so itself
+            out[part] = _packed_or_error(lambda d=indexed: pack(d), f"{flag} {path}") if path else None
         if evaluating and out["valid"] is None:
             raise ConfigError("--valid-data-path is needed with --test-data-path while evaluation is on "
                               "(or set --eval-iters 0)")
@@ -84,10 +85,9 @@ def build_splits(data_prefix: str, seq_length: int, *, eod_id: int | None, vocab
 
 
 def _packed_or_error(make, what: str) -> PackedDataset:
+    """``make()``, whose only DataError, on an already opened IndexedDataset, is a part too small to pack."""
     try:
         return make()
-    except DataError as e:
-        if "too few for one sample" not in str(e):
-            raise
+    except DataError:
         raise ConfigError(f"{what}, too few tokens for one sample of seq_length + 1 tokens (raise its weight)") \
             from None

@@ -106,3 +106,9 @@ def test_default_corpus_splits_share_no_source_file(tmp_path):
     parts = [{files[d] for d in r} for r in ranges]
     assert all(parts) and sum(map(len, parts)) == len(files) == len(set(files))
     assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+
+
+def test_a_held_out_corpus_too_small_for_a_sample_names_its_flag(tmp_path):
+    train, tiny = write(tmp_path / "t", random_docs()), write(tmp_path / "v", [[5, 6]])
+    with pytest.raises(ConfigError, match=r"^--valid-data-path .*v, too few tokens for one sample"):
+        build_splits(train, T, eod_id=EOD, vocab_size=None, split=None, default_split="1,1,1", valid_path=tiny)
