@@ -272,8 +272,8 @@ def layout_for_batch(par, global_batch: int, micro_batch_size: int, world_size: 
     if global_batch < 1 or global_batch % per_step:
         raise MoelibError(f"--global-batch-size {global_batch} must be a positive multiple of micro-batch size x "
                           f"data-parallel size = {micro_batch_size} x {world_size // par.pp}")
-    out = dataclasses.replace(par, num_microbatches=global_batch // per_step)
     try:
+        out = dataclasses.replace(par, num_microbatches=global_batch // per_step)
         out.validate(world_size, model_cfg)
     except ConfigError as e:
         raise MoelibError(f"--global-batch-size {global_batch} gives {global_batch // per_step} micro-batches per "
