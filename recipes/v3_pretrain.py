@@ -7,8 +7,11 @@
     python recipes/v3_pretrain.py --load checkpoints/from_hf   # continue an import: the model is the checkpoint's
 
 With no --data-path it trains on the embedded default corpus: this interpreter's standard-library
-sources, tokenised with a byte-level BPE trained locally on first use. Without layout flags the layout
-comes from moelib.parallel.mesh.auto_layout for the world size.
+sources, tokenised with a byte-level BPE trained locally on first use; 5 % of its files are held out for
+validation and 5 % for the test (--split). The valid part is evaluated every --eval-interval steps, the test
+part at the end; the log (--log-json, default log.jsonl in --save) is plotted to training.png beside the
+checkpoints (tools/plot_run.py does it for any log). Without layout flags the layout comes from
+moelib.parallel.mesh.auto_layout for the world size.
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ from moelib.precision import apex  # noqa: E402
 from moelib.precision.telemetry import collect_telemetry  # noqa: E402
 from moelib.train.checkpoint import CheckpointReader, prune_checkpoints, save_checkpoint  # noqa: E402
 from moelib.train.checkpoint_model import resolve_model_config  # noqa: E402
-from moelib.train.data import BatchLoader, PackedDataset, default_corpus  # noqa: E402
+from moelib.train.data import BatchLoader, default_corpus  # noqa: E402
+from moelib.train.evaluate import Evaluation  # noqa: E402
 from moelib.train.faults import SkipGuard, StopRequest  # noqa: E402
 from moelib.train.logger import TrainingLogger  # noqa: E402
 from moelib.train.metrics import measure_matmul_flops, model_flops_per_token  # noqa: E402
+from moelib.train.plot import plot_run  # noqa: E402
 from moelib.train.schedules import Schedules, schedule_for_run  # noqa: E402
+from moelib.train.splits import DEFAULT_CORPUS_SPLIT, DEFAULT_SPLIT, build_splits, parse_split  # noqa: E402
 from moelib.train.tokenizer import Tokenizer  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -48,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Flags left unset keep the YAML's value.
     p.add_argument("--micro-batch-size", type=int)
     p.add_argument("--global-batch-size", type=int, default=None,
-                   help="default: micro-batch size x micro-batches x data-parallel size")
+                   help="sequences per step; sets micro-batches per data-parallel rank = G / (micro-batch size x "
+                        "DP) for whatever layout the run gets (default: micro-batch size x micro-batches x DP)")
     p.add_argument("--rampup-batch-size", nargs=3, type=int, metavar=("START", "INCREMENT", "SAMPLES"),
                    help="grow the global batch from START by INCREMENT over SAMPLES samples (as Megatron)")
     p.add_argument("--seq-length", type=int)
@@ -68,6 +75,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-microbatches", type=int)
     p.add_argument("--data-path", help="prefix of a Megatron indexed dataset (.bin/.idx); default: the embedded corpus")
     p.add_argument("--tokenizer", help="tokenizer.json of --data-path (for its vocabulary size and EOD id)")
+    p.add_argument("--split", help=f"train,valid,test weights over documents (default {DEFAULT_SPLIT}; "
+                                   f"the embedded corpus: {DEFAULT_CORPUS_SPLIT}, by source file)")
+    p.add_argument("--valid-data-path", help="prefix of a held-out corpus for validation (then --data-path is all "
+                                             "training data)")
+    p.add_argument("--test-data-path", help="prefix of a held-out corpus tested at the end")
+    p.add_argument("--eval-interval", type=int, help="evaluate on the valid split every N steps (default: a tenth "
+                                                     "of --train-iters; 0: only at the end)")
+    p.add_argument("--eval-iters", type=int, default=4, help="global batches per evaluation (0: no evaluation)")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --load on valid and test, then exit")
     p.add_argument("--save", default="checkpoints/v3_pretrain", help="directory for checkpoints")
     p.add_argument("--save-interval", type=int, default=0, help="also save every N steps (0: only at the end)")
     p.add_argument("--keep-last", type=int, default=3, help="keep this many newest checkpoints")
@@ -77,7 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--use-checkpoint-args", action="store_true",
                    help="take the model config from --load's checkpoint, the training settings from --config")
     p.add_argument("--log-interval", type=int)
-    p.add_argument("--log-json", help="rank 0 appends one JSON line per logged step to this file")
+    p.add_argument("--log-json", help="rank 0 appends one JSON line per logged step and evaluation to this file "
+                                      "(default: log.jsonl in --save; plotted there as training.png at the end)")
     p.add_argument("--tensorboard-dir", help="also write TensorBoard event files here (needs tensorboard)")
     p.add_argument("--peak-tflops", type=float, help="per-rank peak for MFU (default: a matmul measured at start)")
     p.add_argument("--max-skipped-steps", type=int, default=10,
@@ -111,6 +128,7 @@ def main(argv=None) -> int:
     from moelib.parallel.engine import ParallelTrainer
 
     args = parse_args(argv)
+    check_eval_flags(args)
     env = launch.init()
     say = launch.rank_zero_print
     run = load_config(args)
@@ -118,6 +136,8 @@ def main(argv=None) -> int:
     train_cfg, data_cfg = run.train, run.data
     par = run.parallel or auto_layout(env.world_size, model_cfg)
     par.validate(env.world_size, model_cfg)
+    if args.global_batch_size:
+        par = layout_for_batch(par, args.global_batch_size, train_cfg.micro_batch_size, env.world_size, model_cfg)
     if data_cfg.data_path:
         data_prefix, tokenizer_path = data_cfg.data_path, data_cfg.tokenizer
     else:
@@ -130,13 +150,14 @@ def main(argv=None) -> int:
             raise MoelibError(f"tokenizer {tokenizer_path} has {tok.vocab_size} tokens, more than the model's "
                               f"vocab_size {model_cfg.vocab_size}")
         eod = tok.eod
-    dataset = PackedDataset(data_prefix, train_cfg.seq_length, eod_id=eod, vocab_size=model_cfg.vocab_size)
+    parts = build_splits(data_prefix, train_cfg.seq_length, eod_id=eod, vocab_size=model_cfg.vocab_size,
+                         split=args.split, default_split=DEFAULT_SPLIT if data_cfg.data_path else DEFAULT_CORPUS_SPLIT,
+                         valid_path=args.valid_data_path, test_path=args.test_data_path,
+                         evaluating=args.eval_iters > 0)
+    dataset = parts["train"]
     trainer = ParallelTrainer(model_cfg, train_cfg, par)
     mesh = trainer.mesh
-    global_batch = args.global_batch_size or trainer.global_batch_size
-    if global_batch != trainer.global_batch_size:
-        raise MoelibError(f"--global-batch-size {global_batch} must equal micro-batch size x micro-batches x "
-                          f"data-parallel size = {train_cfg.micro_batch_size} x {par.microbatches} x {mesh.dp}")
+    global_batch = trainer.global_batch_size
     schedule_cfg = schedule_for_run(train_cfg, global_batch, rampup=args.rampup_batch_size, overrides=run.schedule)
     check_batch_sizes(schedule_cfg, train_cfg.micro_batch_size, par, mesh.dp)
     schedules = Schedules(schedule_cfg)
@@ -171,11 +192,24 @@ def main(argv=None) -> int:
     peak = (args.peak_tflops * 1e12 if args.peak_tflops else
             measure_matmul_flops(torch.bfloat16 if train_cfg.precision.backend != "fp32" else torch.float32,
                                  device=env.device)) * env.world_size
+    json_path = Path(args.log_json or Path(args.save) / "log.jsonl")
+    if env.is_main:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
     log = TrainingLogger(train_cfg.train_iters, trainer.step, train_cfg.log_interval, enabled=env.is_main,
-                         json_path=args.log_json, tensorboard_dir=args.tensorboard_dir,
+                         json_path=str(json_path), tensorboard_dir=args.tensorboard_dir,
                          flops_per_token=model_flops_per_token(model_cfg, train_cfg.seq_length,
                                                                train_cfg.mtp_loss_weight > 0),
                          peak_flops=peak)
+    evals = Evaluation(trainer, parts, global_batch, args.eval_iters, seed=train_cfg.seed, log=log)
+    if args.eval_only:
+        log.write(f"--eval-only: {args.load} at step {trainer.step}")
+        try:
+            evals.run("valid", consumed_tokens=schedules.state.consumed_tokens)
+            evals.run("test", consumed_tokens=schedules.state.consumed_tokens)
+        finally:
+            log.close()
+        return 0
+    interval = train_cfg.train_iters // 10 if args.eval_interval is None else args.eval_interval
     stop, guard = StopRequest(), SkipGuard(args.max_skipped_steps)
     start, first, recent = time.perf_counter(), None, []
     try:
@@ -191,6 +225,8 @@ def main(argv=None) -> int:
             if not r.skipped:
                 first = r.lm_loss if first is None else first
                 recent = (recent + [r.lm_loss])[-10:]
+            if interval and not r.skipped and r.step % interval == 0:
+                evals.run("valid", consumed_tokens=v.tokens)
             if stop.agreed():
                 log.write(f"{stop.signal_name or 'a stop request'} on some rank: saving at step {trainer.step}")
                 break
@@ -199,6 +235,10 @@ def main(argv=None) -> int:
                 break
             if args.save_interval and r.step % args.save_interval == 0 and r.step < train_cfg.train_iters:
                 save()
+        if trainer.step == train_cfg.train_iters:  # the end of training (not a stop): the last valid and the test
+            if not (interval and trainer.step % interval == 0):
+                evals.run("valid", consumed_tokens=schedules.state.consumed_tokens)
+            evals.run("test", consumed_tokens=schedules.state.consumed_tokens)
     finally:
         log.close()
         stop.restore()
@@ -206,8 +246,44 @@ def main(argv=None) -> int:
     if recent:
         say(f"done: step {trainer.step}, {time.perf_counter() - start:.0f}s, loss {first:.3f} -> "
             f"{sum(recent) / len(recent):.3f} (mean of the last {len(recent)} steps)")
+    if evals.last:
+        say("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in evals.last.items() if k.endswith(("_loss", "_ppl"))
+                                     and "_mtp" not in k))
     say(f"checkpoint: {path}")
+    if env.is_main:
+        try:
+            say(f"plot: {plot_run(json_path, Path(args.save) / 'training.png')}")
+        except MoelibError as e:
+            say(f"no plot: {e}")
     return 0
+
+
+def check_eval_flags(args) -> None:
+    """The evaluation flags' own rules, before any rank starts work (the data-dependent ones: build_splits)."""
+    if args.split is not None:
+        parse_split(args.split)
+    if args.eval_only and not args.load:
+        raise MoelibError("--eval-only needs --load (the checkpoint to evaluate)")
+    if args.eval_iters < 0 or (args.eval_only and args.eval_iters == 0):
+        raise MoelibError(f"--eval-iters {args.eval_iters}: must be a positive number of batches"
+                          + (" with --eval-only" if args.eval_only else " (or 0: no evaluation)"))
+    if args.eval_interval is not None and args.eval_interval < 0:
+        raise MoelibError(f"--eval-interval {args.eval_interval}: must be >= 0 (0: evaluate only at the end)")
+
+
+def layout_for_batch(par, global_batch: int, micro_batch_size: int, world_size: int, model_cfg):
+    """The layout with micro-batches per data-parallel rank = G / (b x DP), as Megatron derives them."""
+    per_step = micro_batch_size * (world_size // par.pp)
+    if global_batch < 1 or global_batch % per_step:
+        raise MoelibError(f"--global-batch-size {global_batch} must be a positive multiple of micro-batch size x "
+                          f"data-parallel size = {micro_batch_size} x {world_size // par.pp}")
+    try:
+        out = dataclasses.replace(par, num_microbatches=global_batch // per_step)
+        out.validate(world_size, model_cfg)
+    except ConfigError as e:
+        raise MoelibError(f"--global-batch-size {global_batch} gives {global_batch // per_step} micro-batches per "
+                          f"data-parallel rank, which the pipeline rejects: {e}") from None
+    return out
 
 
 def check_batch_sizes(cfg, micro_batch_size: int, par, dp: int) -> None:

@@ -42,25 +42,31 @@ class PackedDataset:
     ``eod_id``: the end-of-document token put after each non-empty document that does not already end
     with it (corpora preprocessed with ``--append-eod`` already do). None: plain concatenation.
     ``vocab_size``: when given, each sample is checked to hold only ids below it.
+    ``documents``: pack only this range of document indices (a train / valid / test split); None: all.
     """
 
     def __init__(self, data: str | os.PathLike | IndexedDataset, seq_length: int, eod_id: int | None = None,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, documents: range | None = None):
         if not isinstance(seq_length, int) or seq_length < 1:
             raise ConfigError(f"seq_length: must be a positive integer, got {seq_length!r}")
         self.indexed = data if isinstance(data, IndexedDataset) else IndexedDataset(data)
         self.seq_length, self.eod_id, self.vocab_size = seq_length, eod_id, vocab_size
         ds = self.indexed
+        self.documents = range(ds.num_documents) if documents is None else documents
+        # Documents are whole runs of sequences, so a document range is a sequence range.
+        first, end = int(ds.document_indices[self.documents.start]), int(ds.document_indices[self.documents.stop])
         lengths = ds.sequence_lengths.astype(np.int64)
         eod_after = self._missing_eods(lengths) if eod_id is not None else np.zeros(len(lengths), bool)
+        lengths, eod_after, offsets = lengths[first:end], eod_after[first:end], ds.token_offsets[first:end]
         packed_offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
-        if not eod_after.any() and np.array_equal(ds.token_offsets, packed_offsets):
+        if not eod_after.any() and np.array_equal(offsets - (offsets[0] if len(offsets) else 0), packed_offsets):
             # The common case (Megatron's writer, --append-eod): the .bin already is the stream.
-            self._flat = ds.tokens[:int(lengths.sum())]
+            start = int(offsets[0]) if len(offsets) else 0
+            self._flat = ds.tokens[start:start + int(lengths.sum())]
             self.num_tokens = len(self._flat)
         else:
             self._flat = None
-            self._lengths, self._offsets, self._eod_after = lengths, ds.token_offsets, eod_after
+            self._lengths, self._offsets, self._eod_after = lengths, offsets, eod_after
             piece = lengths + eod_after
             self._starts = np.concatenate([[0], np.cumsum(piece)[:-1]]) if len(piece) else piece
             self.num_tokens = int(piece.sum())
@@ -212,6 +218,13 @@ def stdlib_sources(max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[Path, list[Path]
         chosen.append(path)
         total += path.stat().st_size
     return root, chosen
+
+
+def stdlib_documents(max_bytes: int = DEFAULT_MAX_BYTES) -> list[str]:
+    """The default corpus's documents in order, as stdlib-relative paths: the source files with any text
+    (empty files give no document). Document d of the corpus is file d of this list."""
+    root, files = stdlib_sources(max_bytes)
+    return [p.relative_to(root).as_posix() for p in files if p.read_text(encoding="utf-8", errors="replace")]
 
 
 def default_corpus(vocab_size: int = DEFAULT_VOCAB_SIZE, *, max_bytes: int = DEFAULT_MAX_BYTES,

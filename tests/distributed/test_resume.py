@@ -24,7 +24,7 @@ def recipe(n: int, *args: str) -> None:
 
 
 def losses(path) -> list[float]:
-    return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
+    return [r["loss"] for line in path.read_text().splitlines() if "loss" in (r := json.loads(line))]
 
 
 @pytest.mark.dist

@@ -12,8 +12,8 @@ from fractions import Fraction
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moelib.parallel.pipeline.schedule import dualpipe, dualpipev, one_f_one_b, zb1p
-from moelib.parallel.pipeline.simulate import Costs, published_bubble, simulate
+from moelib.parallel.pipeline.schedule import build_schedule, dualpipe, dualpipev, forward_only, one_f_one_b, zb1p
+from moelib.parallel.pipeline.simulate import Costs, _check_acyclic, _check_messages, published_bubble, simulate
 
 SETTINGS = settings(max_examples=60, deadline=None)
 UNITS = st.integers(1, 60)  # cost numerators
@@ -100,3 +100,19 @@ def test_local_hand_off_has_no_latency():
     s = dualpipev(1, 4)
     assert simulate(s, Costs(1, 2, 1, 3, comm=5)).makespan == simulate(s, Costs(1, 2, 1, 3)).makespan
     assert simulate(one_f_one_b(2, 4), Costs(1, 2, comm=5)).makespan > simulate(one_f_one_b(2, 4), Costs(1, 2)).makespan
+
+
+@settings(max_examples=80, deadline=None)
+@given(name=st.sampled_from(["1f1b", "zb1p", "dualpipe", "dualpipev"]), half=st.integers(1, 4), data=st.data())
+def test_forward_only_programs_run_each_forward_once_and_cannot_deadlock(name, half, data):
+    pp = 2 * half if name == "dualpipe" else data.draw(st.integers(1, 8))
+    m = data.draw(st.integers(2 * pp, 4 * pp)) if name.startswith("dual") else data.draw(st.integers(1, 3 * pp))
+    m += m % 2 if name == "dualpipe" else 0
+    train = build_schedule(name, pp, m)
+    s = forward_only(train)
+    for r, prog in enumerate(s.programs):
+        assert all(op.kind == "F" for op in prog)
+        owned = sorted((mb, c) for c in range(len(s.placement[r])) for mb in s.microbatches_of(r, c))
+        assert sorted(op.forward for op in prog) == owned  # every forward of the training schedule, once
+    _check_messages(s)
+    _check_acyclic(s, "eager")  # the runtime's contract (DualPipe's training programs also need it)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -133,6 +134,35 @@ class PipelineRuntime:
         assert not self._saved and not self._pending, "schedule left work behind"
         WeightGradStore.pop_all()
         return self._stats
+
+    def forward_only(self, batches: list[tuple[torch.Tensor, torch.Tensor]], schedule: Schedule,
+                     head: Callable[[PipelineStage, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], Any]
+                     ) -> list[Any]:
+        """Run a forward-only program (``schedule.forward_only``) over the micro-batches without autograd.
+        On a last stage ``head(stage, hidden, labels, cos, sin)`` replaces the loss; its results come back
+        in program order (an empty list on ranks without a last stage). The training schedule stays set."""
+        training = self.schedule
+        self.set_schedule(schedule)
+        self._batches, self._pending, self._local = batches, {}, {}
+        results = []
+        try:
+            with torch.no_grad(), weight_cache.reuse():
+                for k, op in enumerate(self.program):
+                    self._current = op
+                    for msg in self.plan[k]:
+                        self._post(msg)
+                    stage, s = self.stages[op.chunk], schedule.stage_of(self.rank, op.chunk)
+                    tokens, labels = batches[op.mb]
+                    with self.autocast():
+                        h, cos, sin = stage.trunk(tokens if s == 0 else self._take("A", op.mb, s - 1))
+                        if stage.spec.is_last:
+                            results.append(head(stage, h, labels, cos, sin))
+                        else:
+                            self._send("A", op.mb, s, h)
+            self.p2p.wait_sends()
+        finally:
+            self.set_schedule(training)
+        return results
 
     def _run_program(self) -> None:
         for k, op in enumerate(self.program):

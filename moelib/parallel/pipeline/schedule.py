@@ -52,7 +52,7 @@ Execution and communication contract (what the runtime must do; ``simulate.check
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from moelib.errors import ConfigError
@@ -393,6 +393,26 @@ def dualpipev(pp: int, num_microbatches: int) -> Schedule:
     placement = tuple((r, 2 * pp - 1 - r) for r in range(pp))
     route = (tuple((s, 0) for s in range(pp)) + tuple((pp - 1 - s, 1) for s in range(pp)),)
     return Schedule("DualPipeV", pp, m, 2 * pp, placement, route, (0,) * m, tuple(tuple(p) for p in programs))
+
+
+def forward_only(schedule: Schedule) -> Schedule:
+    """The forwards of ``schedule`` alone, for evaluation: the same placement, routes and directions, each
+    rank running F for every (micro-batch, chunk) on its path and nothing else.
+
+    A rank orders its forwards by (i + s, s, mb), i the micro-batch's place among those of its direction and
+    s the stage: the step at which it would reach that stage in a filled pipeline. Every message goes from a
+    smaller key to a larger one and every rank runs its ops in key order, so no rank can wait on one that
+    waits on it (the same order on EP peers keeps their all-to-alls matched)."""
+    place = {}
+    for d in set(schedule.direction):
+        for i, mb in enumerate(mb for mb, dm in enumerate(schedule.direction) if dm == d):
+            place[mb] = i
+    programs = []
+    for rank, stages in enumerate(schedule.placement):
+        keys = sorted((place[mb] + s, s, mb, c) for c, s in enumerate(stages)
+                      for mb in schedule.microbatches_of(rank, c))
+        programs.append(tuple(Op("F", mb, c) for _, _, mb, c in keys))
+    return replace(schedule, name=f"{schedule.name} forward-only", programs=tuple(programs))
 
 
 SCHEDULES = {"1f1b": one_f_one_b, "zb1p": zb1p, "dualpipe": dualpipe, "dualpipev": dualpipev}

@@ -82,13 +82,17 @@ class PipelineStage(nn.Module):
     def embedding(self) -> nn.Embedding | None:
         return self._embedding[0] if self._embedding[0] is not None else self.model.embed_tokens
 
+    def trunk(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hidden state after this stage's decoder layers, rope cos, rope sin) for tokens or hidden input."""
+        model = self.model
+        cos, sin = model.rope(inputs.shape[1], inputs.device)
+        h = model.embed(inputs) if self.spec.is_first else inputs
+        return model.decoder(h, cos, sin), cos, sin
+
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor | None = None,
                 mtp_weight: float = 0.3) -> torch.Tensor | LossOutput:
         model = self.model
-        seq_len = inputs.shape[1]
-        cos, sin = model.rope(seq_len, inputs.device)
-        h = model.embed(inputs) if self.spec.is_first else inputs
-        h = model.decoder(h, cos, sin)
+        h, cos, sin = self.trunk(inputs)
         if not self.spec.is_last:
             return h
         if labels is None:
