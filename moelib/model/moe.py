@@ -26,7 +26,7 @@ _EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 class GroupedExperts(nn.Module):
     """E SwiGLU experts. gate_up_proj [E, 2I, H] holds gate rows then up rows; down_proj [E, H, I]."""
 
-    # Set by moelib.model.recompute.apply_recompute: keep only SwiGLU's inputs, recompute its product.
+    # Set by moelib.train.recompute.apply_recompute: keep only SwiGLU's inputs, recompute its product.
     recompute_swiglu: SwiGLUCache | None = None
     # Where rows are padded (bf16 on CPU), every group is padded to the largest when that makes at most this
     # factor of rows: one batched GEMM (grouped.equal_group_size), ~1.6x the rate of a GEMM per expert on

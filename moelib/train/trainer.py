@@ -10,13 +10,13 @@ from dataclasses import dataclass
 import torch
 
 from moelib.config import ModelConfig, TrainConfig
-from moelib.model.recompute import apply_recompute
 from moelib.model.transformer import Transformer, build_model
 from moelib.precision import weight_cache
 from moelib.precision.weight_grad import fresh_grads
 from moelib.train.ema import ParameterEMA
 from moelib.train.metrics import LoadStats, collect_load
 from moelib.train.optimizer import build_optimizer
+from moelib.train.recompute import apply_recompute
 from moelib.train.schedules import lr_at
 
 

@@ -39,8 +39,8 @@ from torch.utils._pytree import tree_leaves
 from moelib import ModelConfig
 from moelib.model import build_model
 from moelib.model.moe import GroupedExperts
-from moelib.model.recompute import apply_recompute
 from moelib.precision.backends import name_linears
+from moelib.train.recompute import apply_recompute
 
 CONFIGS = (("bf16", "none"), ("bf16", "selective"), ("bf16", "full"),
            ("fp8-emulated", "none"), ("fp8-emulated", "selective"), ("fp8-emulated", "selective-exact"),
