@@ -1,7 +1,10 @@
 """Triton kernels for moelib's FP8 precision layer (quantisation and block-scaled GEMMs).
 
 Without a CUDA GPU the kernels run in Triton's CPU interpreter, which is slow but exact enough to test
-them against the pure-PyTorch core (``moelib.precision.fp8``). Triton decides whether to interpret when a
+them against the pure-PyTorch core (``moelib.precision.fp8``). The package imports nothing of moelib (a
+kernel package others could vendor): the kernels take inputs whose shapes the caller has checked
+(moelib.precision.fp8_triton does, with moelib's errors) and raise ``KernelInputError`` for what only they
+see. Triton decides whether to interpret when a
 function is decorated, so ``TRITON_INTERPRET`` is set here, before any kernel module imports triton; a value
 the user set explicitly wins. If triton.language was imported earlier without it (``torch.compile`` and
 ``torch.utils._triton.has_triton()`` do that), its library functions are switched to interpreted ones.
@@ -76,6 +79,6 @@ def kernel_device(t: torch.Tensor) -> None:
     """Interpreted kernels read CPU tensors, compiled ones CUDA tensors; say so instead of crashing."""
     want = "cpu" if interpreting() else "cuda"
     if t.device.type != want:
-        from moelib.errors import DataError
+        from moelib_cuda.formats import KernelInputError
 
-        raise DataError(f"moelib_cuda kernels here take {want} tensors, got one on {t.device}.")
+        raise KernelInputError(f"moelib_cuda kernels here take {want} tensors, got one on {t.device}.")

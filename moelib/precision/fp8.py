@@ -126,22 +126,33 @@ def quantize(x: torch.Tensor, block: tuple[int, int] = (1, TILE), fmt: str = "e4
     return data.contiguous(), scale_inv
 
 
-def expand_scale(scale_inv: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
-    """Per-element scale of a [rows, cols] tensor from its per-block scale_inv."""
+def _check_scale_shape(scale_inv: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]) -> None:
     if tuple(scale_inv.shape) != scale_grid(shape, block):
         raise DataError(f"scale_inv has shape {tuple(scale_inv.shape)}, but data of shape {tuple(shape)} in "
                         f"{tuple(block)} blocks needs {scale_grid(shape, block)}.")
+
+
+def expand_scale(scale_inv: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
+    """Per-element scale of a [rows, cols] tensor from its per-block scale_inv."""
+    _check_scale_shape(scale_inv, block, shape)
     s = scale_inv.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
     return s[: shape[0], : shape[1]]
+
+
+def check_quantized(data: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> tuple[int, int]:
+    """fp8 ``data`` must be 2-D in a known format, with one scale_inv entry per ``block`` tile; returns the block."""
+    block = check_block(block)
+    format_of(data.dtype)
+    if data.dim() != 2:
+        raise DataError(f"fp8 data must be 2-D, got shape {tuple(data.shape)}.")
+    _check_scale_shape(scale_inv, block, data.shape)
+    return block
 
 
 def dequantize(data: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (1, TILE),
                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """data × scale_inv blockwise, computed in fp32 and returned as ``out_dtype``."""
-    block = check_block(block)
-    format_of(data.dtype)
-    if data.dim() != 2:
-        raise DataError(f"fp8 data must be 2-D, got shape {tuple(data.shape)}.")
+    block = check_quantized(data, scale_inv, block)
     return (data.float() * expand_scale(scale_inv, block, data.shape)).to(out_dtype)
 
 

@@ -7,7 +7,7 @@ count), each group is padded to a multiple of rows, or every group to the larges
 into and out of it. ``gather_tokens`` copies tokens straight into it (one copy per chosen expert), and
 ``weighted_sum`` / ``sum_slots`` reduce a token's k expert outputs. All of these are gathers with a
 fixed-order backward (never an index-accumulate), so gradients are bit-for-bit deterministic; the custom
-autograd functions exist because torch's own backwards of these gathers ran several times slower on CPU.
+autograd functions exist because torch's own backwards of these gathers are slower on CPU (BENCHMARKS.md).
 Nothing here knows about experts or routing: the dispatchers (moelib.model.dispatch,
 moelib.parallel.expert_parallel) use these to move tokens.
 """
@@ -47,7 +47,7 @@ def pad_groups(counts: torch.Tensor, multiple: int, equal_up_to: float = 1.0) ->
 
 def _place(x: torch.Tensor, source: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
     """x's rows in a padded layout (PaddedRows.source / .padding), zeros in the padding: a gather (a
-    scatter into zeros with index_copy took ~3x as long on CPU)."""
+    scatter into zeros with index_copy is slower on CPU)."""
     return x.index_select(0, source).index_fill_(0, padding, 0)
 
 
@@ -70,7 +70,7 @@ class _TakeRows(torch.autograd.Function):
     """y[rows] for distinct rows: expert rows out of their (padded) layout, or back out of expert order.
     ``source`` / ``padding`` are the inverse (PaddedRows'): the backward gathers the gradient rows back
     with ``source`` and zeros the ``padding`` rows no output took. index_select's own backward adds them
-    into zeros with index_add, 5x slower on CPU."""
+    into zeros with index_add, which is slower on CPU."""
 
     @staticmethod
     def forward(ctx, y, rows, source, padding):
@@ -102,7 +102,7 @@ class _GatherTokens(torch.autograd.Function):
 
 def sum_slots(v: torch.Tensor) -> torch.Tensor:
     """v [N, k, H] -> sum over k in fp32, rounded once to v's dtype: what ``v.sum(1)`` computes, with one
-    pass per slot (the strided reduction over k ran 1.4x slower on CPU)."""
+    pass per slot (the strided reduction over k is slower on CPU)."""
     acc = v[:, 0].to(torch.float32, copy=True)
     for j in range(1, v.shape[1]):
         acc.add_(v[:, j])
@@ -111,8 +111,8 @@ def sum_slots(v: torch.Tensor) -> torch.Tensor:
 
 class _WeightedSum(torch.autograd.Function):
     """sum_k w[:, k] * y[:, k] for y [N, k, H] and w [N, k] of y's dtype, accumulated in fp32 and rounded
-    once, as the batched GEMM w[:, None] @ y computes it; thousands of [1, k] @ [k, H] GEMMs ran ~25 %
-    slower forward and ~60 % slower backward than one pass per slot on CPU."""
+    once, as the batched GEMM w[:, None] @ y computes it; one pass per slot instead of
+    thousands of [1, k] @ [k, H] GEMMs, which are slower on CPU."""
 
     @staticmethod
     def forward(ctx, y, w):
