@@ -2,7 +2,8 @@
 and EDP, ZeRO-1 AdamW, and the router-bias update from the global batch's expert counts.
 
 Every rank builds only its own stages (parameters initialised as in the full model, keyed by name), so
-single-process training of the same model and data is the reference every layout must reproduce.
+single-process training of the same model and data (moelib.train.trainer.Trainer) is the reference every
+layout must reproduce.
 """
 
 from __future__ import annotations
