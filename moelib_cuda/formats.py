@@ -1,7 +1,7 @@
 """The FP8 encodings and tile sizes the kernels implement (DeepSeek-V3's fine-grained recipe).
 
-moelib_cuda imports nothing of moelib, so these are stated here; moelib.precision.fp8 states the same
-for its pure-PyTorch reference, and tests/unit/test_moelib_cuda.py checks that the two agree.
+moelib_cuda imports nothing of moelib, so they are stated here, and moelib.precision.fp8's pure-PyTorch
+reference takes them from here. Importing this module imports neither triton nor moelib.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ class KernelInputError(ValueError):
 
 @dataclass(frozen=True)
 class Fp8Format:
+    """An fp8 encoding: torch dtype, largest finite value, mantissa bits and exponent bias."""
+
     dtype: torch.dtype
     fmax: float
     mantissa_bits: int

@@ -13,11 +13,14 @@ the products are the same.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from moelib_cuda import formats, interpreting, kernel_device
+from moelib_cuda import formats, interpreting, kernel_device, prepare_triton
 from moelib_cuda.formats import KernelInputError
+
+prepare_triton()  # before triton is imported: it decides then whether to interpret
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 BLOCK_K = tl.constexpr(formats.TILE)
 

@@ -14,11 +14,14 @@ not notice them. Divisions use ``div_rn`` so a GPU rounds them exactly as torch 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from moelib_cuda import formats, kernel_device
+from moelib_cuda import formats, kernel_device, prepare_triton
 from moelib_cuda.formats import KernelInputError
+
+prepare_triton()  # before triton is imported: it decides then whether to interpret
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 _MIN_SCALE = tl.constexpr(formats.MIN_SCALE)
 _TILE_ROWS = 64  # tile length along an axis whose block size is 1 (more rows per program, fewer programs)

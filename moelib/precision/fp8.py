@@ -22,45 +22,38 @@ Conventions (as the released V3 checkpoints):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from moelib.errors import ConfigError, DataError
+from moelib_cuda import formats as _kernel_formats
+from moelib_cuda.formats import (
+    BLOCKS,
+    FORMATS,  # noqa: F401  (part of this module's API: fp8.FORMATS)
+    MIN_SCALE,
+    TILE,
+    Fp8Format,
+    KernelInputError,
+    scale_grid,
+)
 
-TILE = 128  # N_C in the V3 paper: the K-block over which one scale product applies
-BLOCKS = ((1, TILE), (TILE, 1), (TILE, TILE))
+# TILE (N_C in the V3 paper: the K-block over which one scale product applies), the 1×128 / 128×1 / 128×128
+# BLOCKS, MIN_SCALE (the smallest normal fp32, the floor of a non-zero tile's scale_inv) and the FORMATS
+# are the kernels' (moelib_cuda.formats), so the reference and the kernels cannot disagree on them.
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MIN_SCALE = 2.0**-126  # smallest normal fp32: the floor of a non-zero tile's scale_inv
-
-
-@dataclass(frozen=True)
-class Fp8Format:
-    """An fp8 encoding: torch dtype, largest finite value, mantissa bits and exponent bias."""
-
-    dtype: torch.dtype
-    fmax: float
-    mantissa_bits: int
-    exponent_bias: int
-
-
-FORMATS = {
-    "e4m3": Fp8Format(torch.float8_e4m3fn, 448.0, 3, 7),
-    "e5m2": Fp8Format(torch.float8_e5m2, 57344.0, 2, 15),
-}
 
 
 def fp8_format(fmt: str) -> Fp8Format:
-    if fmt not in FORMATS:
-        raise ConfigError(f"fp8 format {fmt!r} is not supported; use one of {sorted(FORMATS)}.")
-    return FORMATS[fmt]
+    try:
+        return _kernel_formats.fp8_format(fmt)
+    except KernelInputError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def format_of(dtype: torch.dtype) -> str:
-    for name, f in FORMATS.items():
-        if f.dtype == dtype:
-            return name
-    raise DataError(f"fp8 data has dtype {dtype}; expected one of {[f.dtype for f in FORMATS.values()]}.")
+    try:
+        return _kernel_formats.format_of(dtype)
+    except KernelInputError as exc:
+        raise DataError(str(exc)) from None
 
 
 def check_block(block: tuple[int, int], allowed: tuple[tuple[int, int], ...] = BLOCKS) -> tuple[int, int]:
@@ -79,11 +72,6 @@ def check_input(x: torch.Tensor, name: str, check_finite: bool = True) -> None:
     if check_finite and x.numel() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise DataError(f"{name} has {bad} non-finite values (NaN/Inf), which FP8 quantisation cannot represent.")
-
-
-def scale_grid(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int]:
-    """Shape of scale_inv for a tensor of ``shape`` in ``block`` tiles (edge tiles count)."""
-    return -(-shape[0] // block[0]), -(-shape[1] // block[1])
 
 
 def _tiled(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:

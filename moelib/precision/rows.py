@@ -7,7 +7,7 @@ count), each group is padded to a multiple of rows, or every group to the larges
 into and out of it. ``gather_tokens`` copies tokens straight into it (one copy per chosen expert), and
 ``weighted_sum`` / ``sum_slots`` reduce a token's k expert outputs. All of these are gathers with a
 fixed-order backward (never an index-accumulate), so gradients are bit-for-bit deterministic; the custom
-autograd functions exist because torch's own backwards of these gathers are slower on CPU (BENCHMARKS.md).
+autograd functions exist because torch's own backwards of these gathers are slower on CPU (benchmarks/HISTORY.md).
 Nothing here knows about experts or routing: the dispatchers (moelib.model.dispatch,
 moelib.parallel.expert_parallel) use these to move tokens.
 """
