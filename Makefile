@@ -21,6 +21,7 @@ $(STAMP): $(PY) setup.cfg pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m ruff check moelib moelib_cuda recipes tools tests
+	.venv/bin/lint-imports
 	$(PY) -m pytest -q -x --durations=15 tests
 
 test-fast: $(STAMP)
@@ -31,6 +32,7 @@ pretrain: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check moelib moelib_cuda recipes tools tests
+	.venv/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) tools/bench.py train-step --vs-hf

@@ -1,15 +1,20 @@
 """Triton kernels for moelib's FP8 precision layer (quantisation and block-scaled GEMMs).
 
 Without a CUDA GPU the kernels run in Triton's CPU interpreter, which is slow but exact enough to test
-them against the pure-PyTorch core (``moelib.precision.fp8``). Triton decides whether to interpret when a
-function is decorated, so ``TRITON_INTERPRET`` is set here, before any kernel module imports triton; a value
-the user set explicitly wins. If triton.language was imported earlier without it (``torch.compile`` and
-``torch.utils._triton.has_triton()`` do that), its library functions are switched to interpreted ones.
+them against the pure-PyTorch core (``moelib.precision.fp8``). The package imports nothing of moelib (a
+kernel package others could vendor): the kernels take inputs whose shapes the caller has checked
+(moelib.precision.fp8_triton does, with moelib's errors) and raise ``KernelInputError`` for what only they
+see; ``moelib_cuda.formats`` states the FP8 formats, and moelib's reference takes them from there.
+
+Triton decides whether to interpret when a function is decorated, so ``prepare_triton()`` sets
+``TRITON_INTERPRET`` before a kernel module imports triton (a value the user set explicitly wins). If
+triton.language was imported earlier without it (``torch.compile`` and ``torch.utils._triton.has_triton()``
+do that), its library functions are switched to interpreted ones. Importing the package itself does
+neither, so importing ``moelib_cuda.formats`` changes nothing in the process.
 
 ``import moelib_cuda`` never fails for lack of Triton: ask ``triton_unavailable_reason()`` first, then
 import ``moelib_cuda.quant`` / ``moelib_cuda.gemm``.
 """
-
 from __future__ import annotations
 
 import importlib.util
@@ -18,12 +23,23 @@ import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+_prepared = False
+
+
+def prepare_triton() -> None:
+    """Without a CUDA GPU, switch Triton to its CPU interpreter (once; see the module docstring)."""
+    global _prepared
+    if _prepared:
+        return
+    _prepared = True
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        _interpret_preimported_triton()
 
 
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter rather than on a GPU."""
+    prepare_triton()
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -50,12 +66,9 @@ def _interpret_preimported_triton() -> None:
                 setattr(module, attr, wrapped.setdefault(id(value), InterpretedFunction(value.fn)))
 
 
-if not torch.cuda.is_available():
-    _interpret_preimported_triton()
-
-
 def triton_unavailable_reason() -> str | None:
     """None when the kernels can run here, else one sentence saying why not."""
+    prepare_triton()
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed (pip install triton, or moelib[triton]); use the fp8-emulated backend."
     try:
@@ -76,6 +89,6 @@ def kernel_device(t: torch.Tensor) -> None:
     """Interpreted kernels read CPU tensors, compiled ones CUDA tensors; say so instead of crashing."""
     want = "cpu" if interpreting() else "cuda"
     if t.device.type != want:
-        from moelib.errors import DataError
+        from moelib_cuda.formats import KernelInputError
 
-        raise DataError(f"moelib_cuda kernels here take {want} tensors, got one on {t.device}.")
+        raise KernelInputError(f"moelib_cuda kernels here take {want} tensors, got one on {t.device}.")

@@ -13,14 +13,16 @@ the products are the same.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from moelib.errors import DataError
-from moelib.precision import fp8 as ref
-from moelib_cuda import interpreting, kernel_device
+from moelib_cuda import formats, interpreting, kernel_device, prepare_triton
+from moelib_cuda.formats import KernelInputError
 
-BLOCK_K = tl.constexpr(ref.TILE)
+prepare_triton()  # before triton is imported: it decides then whether to interpret
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+BLOCK_K = tl.constexpr(formats.TILE)
 
 
 @triton.jit
@@ -107,14 +109,12 @@ def _out_buffer(m: int, n: int, out_dtype: torch.dtype, device: torch.device) ->
 
 
 def fp8_gemm(a: torch.Tensor, a_scale_inv: torch.Tensor, b: torch.Tensor, b_scale_inv: torch.Tensor,
-             out_dtype: torch.dtype = torch.bfloat16, a_block: tuple[int, int] = (1, ref.TILE),
-             b_block: tuple[int, int] = (ref.TILE, ref.TILE), block_m: int = 64,
+             out_dtype: torch.dtype = torch.bfloat16, a_block: tuple[int, int] = (1, formats.TILE),
+             b_block: tuple[int, int] = (formats.TILE, formats.TILE), block_m: int = 64,
              block_n: int = 128) -> torch.Tensor:
-    """Triton twin of ``moelib.precision.fp8.fp8_gemm`` (same numerics up to fp32 summation order)."""
-    ref.check_gemm(a, b)
+    """Triton twin of ``moelib.precision.fp8.fp8_gemm`` (same numerics up to fp32 summation order). The
+    caller checks the operands' formats and the scales' shapes (moelib.precision.fp8.check_gemm_scale)."""
     (m, k), n = a.shape, b.shape[0]
-    a_block = ref.check_gemm_scale(a_scale_inv, a_block, m, k, "a_scale_inv")
-    b_block = ref.check_gemm_scale(b_scale_inv, b_block, n, k, "b_scale_inv")
     kernel_device(a)
     c = _out_buffer(m, n, out_dtype, a.device)
     if c.numel():
@@ -155,12 +155,12 @@ def fp8_grouped_gemm(a: torch.Tensor, a_scale_inv: torch.Tensor, b: torch.Tensor
                      block_n: int = 128) -> torch.Tensor:
     """Triton twin of ``moelib.precision.fp8.fp8_grouped_gemm``: one launch over all experts' token groups.
 
-    counts on the CPU are checked against a's rows; counts on the GPU are trusted (checking would stall
-    the host on the device, which the on-device tile schedule exists to avoid).
+    The caller checks shapes and formats (moelib.precision.fp8.check_grouped). counts on the CPU are checked
+    against a's rows; counts on the GPU are trusted (checking would stall the host on the device, which the
+    on-device tile schedule exists to avoid).
     """
-    ref.check_grouped(a, a_scale_inv, b, b_scale_inv, counts)
     if counts.device.type == "cpu" and (bool((counts < 0).any()) or int(counts.sum()) != a.shape[0]):
-        raise DataError(f"counts {counts.tolist()} must be non-negative and sum to a's {a.shape[0]} rows.")
+        raise KernelInputError(f"counts {counts.tolist()} must be non-negative and sum to a's {a.shape[0]} rows.")
     kernel_device(a)
     (s, k), n = a.shape, b.shape[1]
     c = _out_buffer(s, n, out_dtype, a.device)

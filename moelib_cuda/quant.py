@@ -14,14 +14,16 @@ not notice them. Divisions use ``div_rn`` so a GPU rounds them exactly as torch 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from moelib.errors import DataError
-from moelib.precision import fp8 as ref
-from moelib_cuda import kernel_device
+from moelib_cuda import formats, kernel_device, prepare_triton
+from moelib_cuda.formats import KernelInputError
 
-_MIN_SCALE = tl.constexpr(ref.MIN_SCALE)
+prepare_triton()  # before triton is imported: it decides then whether to interpret
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+_MIN_SCALE = tl.constexpr(formats.MIN_SCALE)
 _TILE_ROWS = 64  # tile length along an axis whose block size is 1 (more rows per program, fewer programs)
 
 
@@ -110,11 +112,11 @@ def _launch(x: torch.Tensor, strides: tuple[int, int], shape: tuple[int, int], b
             x_scale_strides: tuple[int, int] = (0, 0), x_scale_block: tuple[int, int] = (1, 1),
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise y (shape ``shape``, y[r, c] = x[r·strides[0] + c·strides[1]]) in ``block`` tiles."""
-    f = ref.fp8_format(fmt)
+    f = formats.fp8_format(fmt)
     kernel_device(x)
     rows, cols = shape
     data = torch.empty(rows, cols, dtype=f.dtype, device=x.device)
-    scale_inv = torch.empty(ref.scale_grid(shape, block), dtype=torch.float32, device=x.device)
+    scale_inv = torch.empty(formats.scale_grid(shape, block), dtype=torch.float32, device=x.device)
     if data.numel() == 0:
         return data, scale_inv
     tile_r = block[0] if block[0] > 1 else _TILE_ROWS
@@ -130,40 +132,34 @@ def _launch(x: torch.Tensor, strides: tuple[int, int], shape: tuple[int, int], b
         FMAX=f.fmax, MANT=f.mantissa_bits, BIAS=f.exponent_bias, SUB_MAGIC=sub_magic, POW2=pow2_scale,
     )
     if not bool(torch.isfinite(scale_inv).all()):
-        raise DataError(f"{name} has non-finite values (NaN/Inf), which FP8 quantisation cannot represent.")
+        raise KernelInputError(f"{name} has non-finite values (NaN/Inf), which FP8 quantisation cannot represent.")
     return data, scale_inv
 
 
-def quantize(x: torch.Tensor, block: tuple[int, int] = (1, ref.TILE), fmt: str = "e4m3", pow2_scale: bool = False,
+def quantize(x: torch.Tensor, block: tuple[int, int] = (1, formats.TILE), fmt: str = "e4m3", pow2_scale: bool = False,
              name: str = "input") -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of ``moelib.precision.fp8.quantize``: same ``(data, scale_inv)``, bit for bit."""
-    block = ref.check_block(block)
-    ref.check_input(x, name, check_finite=False)
+    """Triton twin of ``moelib.precision.fp8.quantize``: same ``(data, scale_inv)``, bit for bit. x is 2-D
+    float32, bfloat16 or float16 (the caller checks); non-finite values raise KernelInputError naming it."""
+    block = formats.check_block(block)
     return _launch(x, (x.stride(0), x.stride(1)), tuple(x.shape), block, fmt, pow2_scale, name)
 
 
 def quantize_transposed(x: torch.Tensor, fmt: str = "e4m3", pow2_scale: bool = False,
                         name: str = "input") -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise x.T in 1×128 tiles in one pass (a fused cast + transpose); see the emulated twin."""
-    ref.check_input(x, name, check_finite=False)
     shape = (x.shape[1], x.shape[0])
-    return _launch(x, (x.stride(1), x.stride(0)), shape, (1, ref.TILE), fmt, pow2_scale, name)
+    return _launch(x, (x.stride(1), x.stride(0)), shape, (1, formats.TILE), fmt, pow2_scale, name)
 
 
-def requantize_transposed(data: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (1, ref.TILE),
+def requantize_transposed(data: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (1, formats.TILE),
                           fmt: str | None = None, pow2_scale: bool = False,
                           name: str = "input") -> tuple[torch.Tensor, torch.Tensor]:
-    """Dequantise fp8 ``data`` and quantise its transpose in 1×128 tiles, in one pass."""
-    block = ref.check_block(block)
-    src_fmt = ref.format_of(data.dtype)
-    fmt = fmt or src_fmt
-    if data.dim() != 2:
-        raise DataError(f"{name} fp8 data must be 2-D, got shape {tuple(data.shape)}.")
-    if tuple(scale_inv.shape) != ref.scale_grid(tuple(data.shape), block):
-        raise DataError(f"scale_inv has shape {tuple(scale_inv.shape)}, but data of shape {tuple(data.shape)} in "
-                        f"{block} blocks needs {ref.scale_grid(tuple(data.shape), block)}.")
+    """Dequantise fp8 ``data`` (2-D, with scale_inv in ``block`` tiles: the caller checks the shapes) and
+    quantise its transpose in 1×128 tiles, in one pass."""
+    block = formats.check_block(block)
+    fmt = fmt or formats.format_of(data.dtype)
     # In y = dataᵀ coordinates, the source's (b0, b1) blocks are (b1, b0) and its scale strides swap too.
     xs = scale_inv.float()
-    return _launch(data, (data.stride(1), data.stride(0)), (data.shape[1], data.shape[0]), (1, ref.TILE), fmt,
+    return _launch(data, (data.stride(1), data.stride(0)), (data.shape[1], data.shape[0]), (1, formats.TILE), fmt,
                    pow2_scale, name, x_scale=xs, x_scale_strides=(xs.stride(1), xs.stride(0)),
                    x_scale_block=(block[1], block[0]))

@@ -125,7 +125,7 @@ def load_config(args) -> RecipeConfig:
 
 def main(argv=None) -> int:
 
-    from moelib.parallel.engine import ParallelTrainer
+    from moelib.train.parallel_trainer import ParallelTrainer
 
     args = parse_args(argv)
     check_eval_flags(args)

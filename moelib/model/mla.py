@@ -19,7 +19,7 @@ from moelib.precision.backends import Backend, Linear
 
 
 class MLA(nn.Module):
-    # Set by moelib.model.recompute.apply_recompute: keep the latents q_in / kv_in and the attention core's
+    # Set by moelib.train.recompute.apply_recompute: keep the latents q_in / kv_in and the attention core's
     # results; rerun the up-projections, their norms and RoPE in backward (V3).
     recompute_up_proj = False
 

@@ -11,7 +11,7 @@ from moelib.precision.linear import compute_dtype, shared_input
 
 
 class MLP(nn.Module):
-    # Set by moelib.model.recompute.apply_recompute: keep only SwiGLU's inputs, recompute its product.
+    # Set by moelib.train.recompute.apply_recompute: keep only SwiGLU's inputs, recompute its product.
     recompute_swiglu: SwiGLUCache | None = None
 
     def __init__(self, hidden: int, inter: int, backend: Backend):

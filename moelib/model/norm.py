@@ -40,7 +40,7 @@ class _RMSNorm(torch.autograd.Function):
 
 
 class RMSNorm(nn.Module):
-    # Set by moelib.model.recompute.apply_recompute: keep only the input, recompute the rest in backward.
+    # Set by moelib.train.recompute.apply_recompute: keep only the input, recompute the rest in backward.
     recompute = False
 
     def __init__(self, dim: int, eps: float = 1e-6):

@@ -1,38 +1,21 @@
-"""Activation recomputation: keep less for backward and recompute the rest in it (V3, REFERENCE §4–5).
+"""Activation recomputation, the mechanism: keep less for backward and recompute the rest in it (V3,
+REFERENCE §4–5). Which modules recompute is a policy set from above (moelib.train.recompute.apply_recompute,
+whose docstring lists the modes); this module only provides the hooks the modules call.
 
-``apply_recompute(model, mode)`` sets it on a built model (a stage, an expert shard, the MTP modules too):
-
-    none       autograd keeps whatever it wants.
-    selective  DeepSeek-V3's choice, cheap to recompute and large to keep:
-               - every RMSNorm keeps only its input (not its fp32 intermediates and output);
-               - MLA keeps only its latents (the q_a_proj output, the kv_a_proj_with_mqa output) and the
-                 attention core's results; the up-projections q_b_proj / kv_b_proj, their norms, RoPE and
-                 the q/k/v that feed the attention core are recomputed in backward. The attention core
-                 itself is not where SDPA runs a fused kernel: its output and logsumexp are kept. On
-                 CPU, moelib's unfused core (moelib.model.attention) keeps nothing and is rerun whole
-                 (its probabilities are heads·T values per token; rerunning it costs less than the
-                 fused kernel it replaces);
-               - SwiGLU keeps gate and up (in FP8, 1×128 tiles, under an FP8 backend, as V3 does for the
-                 MoE) and recomputes silu(gate)·up.
-    full       every decoder layer keeps only its input and is rerun in backward. Where the pipeline's
-               overlapped schedule runs a MoE layer in pieces around its all-to-alls, the attention half
-               is recomputed whole and the rest as in selective.
-
-The model reads the setting through small hooks: a flag per module (RMSNorm.recompute,
-MLA.recompute_up_proj, MLP/GroupedExperts.recompute_swiglu, DecoderLayer.recompute_layer) checked in
-its forward, which then calls ``checkpoint`` or ``swiglu`` from here. Regions never nest: inside one,
-the hooks run the plain forward.
+Each module owns its switch: a flag checked in its forward (RMSNorm.recompute, MLA.recompute_up_proj,
+MLP/GroupedExperts.recompute_swiglu, DecoderLayer.recompute_layer), which then calls ``checkpoint`` or
+``swiglu`` from here. Regions never nest: inside one, the hooks run the plain forward. This module imports
+no model module, so every model file can import it.
 
 Numerics do not change: a region's backward is the original graph (non-reentrant torch.utils.checkpoint)
 fed with bit-identical recomputed tensors, and the SwiGLU backward is autograd's own on the recomputed
 product. The one exception is deliberate and V3's: SwiGLU inputs cached in FP8 give gradients computed
-from the FP8-rounded gate and up (the forward is unchanged); ``fp8_swiglu_cache=False`` keeps them as
-they are.
+from the FP8-rounded gate and up (the forward is unchanged).
 
 Side effects are not repeated when a region is recomputed: MoE.finish checks ``recomputing()`` before
-adding expert loads and the aux loss, and FP8 telemetry is not sampled (the backend's ``telemetry`` is
-wrapped once by apply_recompute). A recomputed MoE layer under expert parallelism reruns its
-dispatch and combine all-to-alls in backward (every rank recomputes the same layers in the same order).
+adding expert loads and the aux loss, and FP8 telemetry is not sampled. A recomputed MoE layer under expert
+parallelism reruns its dispatch and combine all-to-alls in backward (every rank recomputes the same layers
+in the same order).
 """
 
 from __future__ import annotations
@@ -44,14 +27,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
-from moelib.errors import ConfigError
 from moelib.precision import fp8
-
-MODES = ("none", "selective", "full")
 
 
 class _State(threading.local):
@@ -163,57 +142,7 @@ class _RecomputedSwiGLU(torch.autograd.Function):
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, cache: SwiGLUCache | None = None) -> torch.Tensor:
-    """silu(gate) * up; with ``cache`` (set by apply_recompute) only gate and up are kept for backward."""
+    """silu(gate) * up; with ``cache`` (set by the recompute policy) only gate and up are kept for backward."""
     if should_recompute(cache is not None):
         return _RecomputedSwiGLU.apply(gate, up, cache)
     return F.silu(gate) * up
-
-
-# ---- applying a mode ------------------------------------------------------------------------------------
-
-
-def _swiglu_cache(backend, fp8_cache: bool | None) -> SwiGLUCache:
-    if fp8_cache is None:
-        fp8_cache = getattr(backend, "is_fp8", False)
-    if not fp8_cache:
-        return SwiGLUCache()
-    kernels = getattr(backend, "kernels", None)
-    if kernels is None:
-        raise ConfigError(f"fp8_swiglu_cache needs an FP8 precision backend, not {backend.name!r}.")
-    return SwiGLUCache(kernels.quantize, backend.cfg.pow2_scales)
-
-
-def _no_telemetry_while_recomputing(backend) -> None:
-    """A recomputed FP8 Linear must not sample telemetry again (its counters are per forward call)."""
-    if not hasattr(backend, "telemetry") or getattr(backend, "_recompute_telemetry_guard", False):
-        return
-    telemetry = backend.telemetry
-    backend.telemetry = lambda weight: None if recomputing() else telemetry(weight)
-    backend._recompute_telemetry_guard = True
-
-
-def apply_recompute(model: nn.Module, mode: str, *, fp8_swiglu_cache: bool | None = None) -> nn.Module:
-    """Set ``mode`` ("none", "selective" or "full", see the module docstring) on every layer of ``model``
-    and return it. ``fp8_swiglu_cache``: keep SwiGLU inputs in FP8 (default: when the backend is FP8)."""
-    from moelib.model.mla import MLA
-    from moelib.model.mlp import MLP
-    from moelib.model.moe import GroupedExperts
-    from moelib.model.norm import RMSNorm
-    from moelib.model.transformer import DecoderLayer
-
-    if mode not in MODES:
-        raise ConfigError(f"recompute mode must be one of {', '.join(MODES)}, got {mode!r}.")
-    selective = mode != "none"  # "full" sets the selective flags too, for layers the pipeline runs in pieces
-    for m in model.modules():
-        if isinstance(m, RMSNorm):
-            m.recompute = selective
-        elif isinstance(m, MLA):
-            m.recompute_up_proj = selective
-        elif isinstance(m, (MLP, GroupedExperts)):
-            backend = m.backend if isinstance(m, GroupedExperts) else m.gate_proj.backend
-            m.recompute_swiglu = _swiglu_cache(backend, fp8_swiglu_cache) if selective else None
-        elif isinstance(m, DecoderLayer):
-            m.recompute_layer = mode == "full"
-        if hasattr(m, "backend"):
-            _no_telemetry_while_recomputing(m.backend)
-    return model

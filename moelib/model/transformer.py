@@ -26,7 +26,7 @@ from moelib.precision.backends import Backend, get_backend
 
 
 class DecoderLayer(nn.Module):
-    # Set by moelib.model.recompute.apply_recompute ("full"): keep only the input, rerun the layer in backward.
+    # Set by moelib.train.recompute.apply_recompute ("full"): keep only the input, rerun the layer in backward.
     recompute_layer = False
 
     def __init__(self, cfg: ModelConfig, layer_id: int, backend: Backend):

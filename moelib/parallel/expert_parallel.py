@@ -7,7 +7,7 @@ per (token, rank) back, and the source sums over ranks. No token is dropped.
 
 Backward of dispatch is a combine and vice versa. Every reduction (a token's copies over ranks, a row's
 pairs over experts) is a gather into a fixed [rows, slots] table followed by a sum over slots, never an
-index-accumulate, so gradients are bit-for-bit deterministic (as moelib.model.moe's local dispatcher).
+index-accumulate, so gradients are bit-for-bit deterministic (as moelib.model.dispatch's local dispatcher).
 
 Each all-to-all carries one byte buffer per row (payload, then gate values and expert ids), so one
 collective moves everything and ``bytes_sent`` counts exactly what goes on the wire. With ``fp8=True``
@@ -25,8 +25,10 @@ import torch.distributed as dist
 from torch import nn
 
 from moelib.errors import ConfigError
-from moelib.model.moe import MoE, weighted_sum
+from moelib.model.dispatch import Dispatcher
+from moelib.model.moe import MoE
 from moelib.precision.fp8 import TILE, dequantize, quantize
+from moelib.precision.rows import weighted_sum
 
 _WIRE_BF16 = torch.bfloat16
 
@@ -262,8 +264,8 @@ class CombineHandle:
         return self._result
 
 
-class AllToAllDispatcher:
-    """The MoE Dispatcher protocol over ``all_to_all_single`` in ``ep_group`` (see LocalDispatcher).
+class AllToAllDispatcher(Dispatcher):
+    """The MoE Dispatcher (moelib.model.dispatch) over ``all_to_all_single`` in ``ep_group``.
 
     ``dispatch``/``combine`` are synchronous; ``dispatch_start``/``combine_start`` post the payload
     all-to-all (``async_op=True``) and return a handle whose ``wait()`` finishes it, so compute can run

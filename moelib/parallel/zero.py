@@ -14,7 +14,7 @@ parameters. No flat copy of the whole gradient is made; the all-gather needs one
 for a moment. The fp32 master weights are the model's own (fp32) parameters.
 
 The moments are stored in ``moment_dtype`` (fp32, or bf16 as in V3); the arithmetic is
-moelib.train.optimizer.adamw_update_, the single-process optimizer's, so bf16 moments round identically
+moelib.precision.adamw.adamw_update_, the single-process optimizer's, so bf16 moments round identically
 whatever the layout (see that module for when the rounding happens and why).
 """
 
@@ -28,7 +28,7 @@ import torch.distributed as dist
 from moelib.errors import CheckpointError
 from moelib.model.moe import GroupedExperts
 from moelib.parallel.grad_sync import GradSync
-from moelib.train.optimizer import adamw_scratch, adamw_update_, moment_dtype_of
+from moelib.precision.adamw import adamw_scratch, adamw_update_, moment_dtype_of
 
 # torch 2.13 renamed all_gather_into_tensor (and deprecated the old name); moelib supports torch >= 2.6.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

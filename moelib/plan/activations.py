@@ -27,7 +27,7 @@ from moelib.config import ModelConfig
 from moelib.errors import ConfigError
 from moelib.model import build_model
 from moelib.model.moe import GroupedExperts
-from moelib.model.recompute import apply_recompute
+from moelib.train.recompute import apply_recompute
 
 # Widths divided by the proxy factor; everything else (head dims, expert counts, top-k) is kept.
 SCALED = ("hidden_size", "intermediate_size", "moe_intermediate_size", "q_lora_rank", "kv_lora_rank",

@@ -22,45 +22,38 @@ Conventions (as the released V3 checkpoints):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from moelib.errors import ConfigError, DataError
+from moelib_cuda import formats as _kernel_formats
+from moelib_cuda.formats import (
+    BLOCKS,
+    FORMATS,  # noqa: F401  (part of this module's API: fp8.FORMATS)
+    MIN_SCALE,
+    TILE,
+    Fp8Format,
+    KernelInputError,
+    scale_grid,
+)
 
-TILE = 128  # N_C in the V3 paper: the K-block over which one scale product applies
-BLOCKS = ((1, TILE), (TILE, 1), (TILE, TILE))
+# TILE (N_C in the V3 paper: the K-block over which one scale product applies), the 1×128 / 128×1 / 128×128
+# BLOCKS, MIN_SCALE (the smallest normal fp32, the floor of a non-zero tile's scale_inv) and the FORMATS
+# are the kernels' (moelib_cuda.formats), so the reference and the kernels cannot disagree on them.
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MIN_SCALE = 2.0**-126  # smallest normal fp32: the floor of a non-zero tile's scale_inv
-
-
-@dataclass(frozen=True)
-class Fp8Format:
-    """An fp8 encoding: torch dtype, largest finite value, mantissa bits and exponent bias."""
-
-    dtype: torch.dtype
-    fmax: float
-    mantissa_bits: int
-    exponent_bias: int
-
-
-FORMATS = {
-    "e4m3": Fp8Format(torch.float8_e4m3fn, 448.0, 3, 7),
-    "e5m2": Fp8Format(torch.float8_e5m2, 57344.0, 2, 15),
-}
 
 
 def fp8_format(fmt: str) -> Fp8Format:
-    if fmt not in FORMATS:
-        raise ConfigError(f"fp8 format {fmt!r} is not supported; use one of {sorted(FORMATS)}.")
-    return FORMATS[fmt]
+    try:
+        return _kernel_formats.fp8_format(fmt)
+    except KernelInputError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def format_of(dtype: torch.dtype) -> str:
-    for name, f in FORMATS.items():
-        if f.dtype == dtype:
-            return name
-    raise DataError(f"fp8 data has dtype {dtype}; expected one of {[f.dtype for f in FORMATS.values()]}.")
+    try:
+        return _kernel_formats.format_of(dtype)
+    except KernelInputError as exc:
+        raise DataError(str(exc)) from None
 
 
 def check_block(block: tuple[int, int], allowed: tuple[tuple[int, int], ...] = BLOCKS) -> tuple[int, int]:
@@ -79,11 +72,6 @@ def check_input(x: torch.Tensor, name: str, check_finite: bool = True) -> None:
     if check_finite and x.numel() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise DataError(f"{name} has {bad} non-finite values (NaN/Inf), which FP8 quantisation cannot represent.")
-
-
-def scale_grid(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int]:
-    """Shape of scale_inv for a tensor of ``shape`` in ``block`` tiles (edge tiles count)."""
-    return -(-shape[0] // block[0]), -(-shape[1] // block[1])
 
 
 def _tiled(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -126,22 +114,33 @@ def quantize(x: torch.Tensor, block: tuple[int, int] = (1, TILE), fmt: str = "e4
     return data.contiguous(), scale_inv
 
 
-def expand_scale(scale_inv: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
-    """Per-element scale of a [rows, cols] tensor from its per-block scale_inv."""
+def _check_scale_shape(scale_inv: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]) -> None:
     if tuple(scale_inv.shape) != scale_grid(shape, block):
         raise DataError(f"scale_inv has shape {tuple(scale_inv.shape)}, but data of shape {tuple(shape)} in "
                         f"{tuple(block)} blocks needs {scale_grid(shape, block)}.")
+
+
+def expand_scale(scale_inv: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
+    """Per-element scale of a [rows, cols] tensor from its per-block scale_inv."""
+    _check_scale_shape(scale_inv, block, shape)
     s = scale_inv.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
     return s[: shape[0], : shape[1]]
+
+
+def check_quantized(data: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> tuple[int, int]:
+    """fp8 ``data`` must be 2-D in a known format, with one scale_inv entry per ``block`` tile; returns the block."""
+    block = check_block(block)
+    format_of(data.dtype)
+    if data.dim() != 2:
+        raise DataError(f"fp8 data must be 2-D, got shape {tuple(data.shape)}.")
+    _check_scale_shape(scale_inv, block, data.shape)
+    return block
 
 
 def dequantize(data: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (1, TILE),
                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """data × scale_inv blockwise, computed in fp32 and returned as ``out_dtype``."""
-    block = check_block(block)
-    format_of(data.dtype)
-    if data.dim() != 2:
-        raise DataError(f"fp8 data must be 2-D, got shape {tuple(data.shape)}.")
+    block = check_quantized(data, scale_inv, block)
     return (data.float() * expand_scale(scale_inv, block, data.shape)).to(out_dtype)
 
 

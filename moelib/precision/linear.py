@@ -50,11 +50,12 @@ EMULATED = Fp8Kernels("emulated", fp8.quantize, fp8.quantize_transposed, fp8.req
 
 
 def triton_kernels() -> Fp8Kernels:
-    """moelib_cuda's kernels (the caller checks ``moelib_cuda.triton_unavailable_reason()`` first)."""
-    from moelib_cuda import gemm, quant
+    """moelib_cuda's kernels behind moelib's checks (the caller checks
+    ``moelib_cuda.triton_unavailable_reason()`` first)."""
+    from moelib.precision import fp8_triton as k
 
-    return Fp8Kernels("triton", quant.quantize, quant.quantize_transposed, quant.requantize_transposed,
-                      gemm.fp8_gemm, gemm.fp8_grouped_gemm)
+    return Fp8Kernels("triton", k.quantize, k.quantize_transposed, k.requantize_transposed, k.fp8_gemm,
+                      k.fp8_grouped_gemm)
 
 
 @dataclass(frozen=True)

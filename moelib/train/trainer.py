@@ -1,5 +1,10 @@
 """The single-process training loop: forward, backward, clip, AdamW, then the router-bias update from
-the expert counts of the batch just finished. The distributed recipe builds on the same step."""
+the expert counts of the batch just finished.
+
+This Trainer is the reference. moelib.train.parallel_trainer.ParallelTrainer runs the same step over any
+layout (pipeline stages, expert and data parallelism, ZeRO-1); on the same model, data and seed it must
+reproduce this trainer's losses and parameters (tests/distributed/test_pipeline_parity.py checks every
+layout against it). A change to the step goes here first, then there."""
 
 from __future__ import annotations
 
@@ -10,13 +15,13 @@ from dataclasses import dataclass
 import torch
 
 from moelib.config import ModelConfig, TrainConfig
-from moelib.model.recompute import apply_recompute
 from moelib.model.transformer import Transformer, build_model
 from moelib.precision import weight_cache
 from moelib.precision.weight_grad import fresh_grads
 from moelib.train.ema import ParameterEMA
 from moelib.train.metrics import LoadStats, collect_load
 from moelib.train.optimizer import build_optimizer
+from moelib.train.recompute import apply_recompute
 from moelib.train.schedules import lr_at
 
 

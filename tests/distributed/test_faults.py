@@ -13,9 +13,9 @@ from _mpi import REPO, require_mpirun, worker_env
 
 from moelib import ModelConfig, TrainConfig
 from moelib.config import ParallelConfig
-from moelib.parallel.engine import ParallelTrainer
 from moelib.train.checkpoint import CheckpointReader
 from moelib.train.faults import SkipGuard, TooManySkippedSteps
+from moelib.train.parallel_trainer import ParallelTrainer
 
 RECIPE = str(REPO / "recipes" / "v3_pretrain.py")
 

@@ -17,19 +17,12 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from moelib.config import ModelConfig
-from moelib.model.moe import (
-    GroupedExperts,
-    LocalDispatcher,
-    MoE,
-    _PadRows,
-    _TakeRows,
-    pad_groups,
-    sum_slots,
-    weighted_sum,
-)
+from moelib.model.dispatch import LocalDispatcher
+from moelib.model.moe import GroupedExperts, MoE
 from moelib.precision import grouped
 from moelib.precision.backends import get_backend
 from moelib.precision.grouped import grouped_linear
+from moelib.precision.rows import _PadRows, _TakeRows, pad_groups, sum_slots, weighted_sum
 
 SEEDS = st.integers(0, 2**31 - 1)
 # Feature sizes: multiples of 8 take torch's grouped_mm, the others the loop over experts.

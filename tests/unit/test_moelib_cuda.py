@@ -1,7 +1,7 @@
 """moelib_cuda's Triton kernels against the pure-PyTorch core (moelib.precision.fp8).
 
-Without a GPU they run in Triton's CPU interpreter: importing moelib_cuda sets TRITON_INTERPRET=1 before
-triton is imported, so this works whatever other test files imported first. Shapes stay small because
+Without a GPU they run in Triton's CPU interpreter: importing a moelib_cuda kernel module sets TRITON_INTERPRET=1
+before triton is imported, so this works whatever other test files imported first. Shapes stay small because
 the interpreter runs each program instance in numpy. Quantisation must match bit for bit; GEMMs match
 within the fp32 summation-order bound derived in tests/property/test_fp8.py.
 """
@@ -25,7 +25,8 @@ _reason = moelib_cuda.triton_unavailable_reason()
 if _reason is not None:
     pytest.skip(_reason, allow_module_level=True)
 
-from moelib_cuda import gemm, quant  # noqa: E402  (needs Triton, checked just above)
+from moelib.precision import fp8_triton  # noqa: E402  (needs Triton, checked just above)
+from moelib_cuda import formats, gemm, quant  # noqa: E402
 
 DEVICE = "cpu" if moelib_cuda.interpreting() else "cuda"
 FEW = settings(max_examples=12, deadline=None)
@@ -56,6 +57,27 @@ def mixed(draw, max_dim: int = 300) -> torch.Tensor:
     if dtype == torch.float16:  # keep within fp16's range
         x = (x / x.abs().max().clamp(min=1) * 1e4)
     return x.to(dtype).to(DEVICE)
+
+
+def test_importing_the_reference_leaves_triton_alone():
+    """moelib.precision.fp8 takes its formats from moelib_cuda.formats: that must neither import triton nor
+    switch it to the interpreter (only importing a kernel module does)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import os, sys, torch; import moelib.precision.fp8; "
+            "assert 'triton' not in sys.modules and 'TRITON_INTERPRET' not in os.environ; "
+            "from moelib_cuda import quant; "
+            "assert torch.cuda.is_available() or os.environ['TRITON_INTERPRET'] == '1'")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_kernels_raise_their_own_error_and_moelib_turns_it_into_data_error():
+    x = torch.ones(4, 4, device=DEVICE)
+    x[0, 0] = float("nan")
+    with pytest.raises(formats.KernelInputError, match="x has non-finite"):
+        quant.quantize(x, name="x")
+    with pytest.raises(DataError, match="x has non-finite"):
+        fp8_triton.quantize(x, name="x")
 
 
 def test_interpreter_is_on_without_gpu():
@@ -134,18 +156,18 @@ def test_non_finite_raises_naming_tensor(bad, block):
     x = torch.randn(130, 150)
     x[129, 140] = bad
     with pytest.raises(DataError, match="activation.*NaN/Inf"):
-        quant.quantize(x.to(DEVICE), block, name="activation")
+        fp8_triton.quantize(x.to(DEVICE), block, name="activation")
     with pytest.raises(DataError, match="activation"):
-        quant.quantize_transposed(x.to(DEVICE), name="activation")
+        fp8_triton.quantize_transposed(x.to(DEVICE), name="activation")
 
 
 def test_bad_block_and_dtype_raise():
     with pytest.raises(ConfigError, match="block"):
-        quant.quantize(torch.ones(4, 4, device=DEVICE), (64, 64))
+        fp8_triton.quantize(torch.ones(4, 4, device=DEVICE), (64, 64))
     with pytest.raises(DataError, match="x "):
-        quant.quantize(torch.ones(4, 4, dtype=torch.float64, device=DEVICE), name="x")
+        fp8_triton.quantize(torch.ones(4, 4, dtype=torch.float64, device=DEVICE), name="x")
     with pytest.raises(ConfigError, match="format"):
-        quant.quantize(torch.ones(4, 4, device=DEVICE), fmt="e3m4")
+        fp8_triton.quantize(torch.ones(4, 4, device=DEVICE), fmt="e3m4")
 
 
 def test_all_zero_and_empty():
@@ -243,5 +265,5 @@ def test_grouped_gemm_rejects_bad_counts():
     qa, sa = fp8.quantize(torch.ones(10, 128))
     qw, sw = fp8.quantize(torch.ones(64, 128), (128, 128))
     with pytest.raises(DataError, match="counts"):
-        gemm.fp8_grouped_gemm(qa.to(DEVICE), sa.to(DEVICE), qw[None].to(DEVICE), sw[None].to(DEVICE),
-                              torch.tensor([9]))
+        fp8_triton.fp8_grouped_gemm(qa.to(DEVICE), sa.to(DEVICE), qw[None].to(DEVICE), sw[None].to(DEVICE),
+                                    torch.tensor([9]))

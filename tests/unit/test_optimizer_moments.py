@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moelib import TrainConfig
-from moelib.train import optimizer
+from moelib.precision import adamw
 from moelib.train.optimizer import AdamW, build_optimizer
 
 BETAS, EPS, WD = (0.9, 0.95), 1e-8, 0.1
@@ -21,7 +21,7 @@ BF16_ULP = 2.0 ** -7  # spacing of bf16 values in [1, 2): 8 significand bits
 
 def reference(p0: torch.Tensor, grads: list[torch.Tensor], lrs: list[float], wd: float, round_bf16: bool):
     """AdamW in fp64. With ``round_bf16`` the moments are rounded to bf16 when stored, after the
-    parameter update has used them, as moelib.train.optimizer.adamw_update_ documents. Returns p, m, v
+    parameter update has used them, as moelib.precision.adamw.adamw_update_ documents. Returns p, m, v
     and the largest |m| and v each element reached (a flip's ulp is carried at the scale it happened at)."""
     p, m, v = p0.double(), torch.zeros_like(p0, dtype=torch.float64), torch.zeros_like(p0, dtype=torch.float64)
     peak_m, peak_v = torch.zeros_like(m), torch.zeros_like(v)
@@ -192,11 +192,11 @@ def test_update_in_cpu_pieces_equals_the_whole_tensor_update(moment_dtype):
     """adamw_update_ runs CPU_CHUNK elements at a time on CPU: bit for bit the whole-tensor update (what runs
     on a GPU, or for a non-contiguous tensor), and with fp32 moments torch's single-tensor AdamW, over a
     tensor of several pieces and a ragged last one, with and without the caller's scratch."""
-    numel = 2 * optimizer.CPU_CHUNK + 1234  # even, for the transposed view below
+    numel = 2 * adamw.CPU_CHUNK + 1234  # even, for the transposed view below
     p0, grads = problem((numel,), 3, seed=7)
     whole, pieces, scratched = p0.clone(), p0.clone(), p0.clone()
     moments = {name: [torch.zeros(numel, dtype=moment_dtype) for _ in range(2)] for name in ("whole", "pieces", "s")}
-    scratch = optimizer.adamw_scratch("cpu")
+    scratch = adamw.adamw_scratch("cpu")
 
     def transposed(t):  # every element, not contiguous: the update runs whole
         return t.view(2, -1).t()
@@ -204,9 +204,9 @@ def test_update_in_cpu_pieces_equals_the_whole_tensor_update(moment_dtype):
     assert not transposed(whole).is_contiguous()
     for t, g in enumerate(grads, start=1):
         args = (t, 1e-2, *BETAS, EPS, WD)
-        optimizer.adamw_update_(transposed(whole), transposed(g), *map(transposed, moments["whole"]), *args)
-        optimizer.adamw_update_(pieces, g, *moments["pieces"], *args)
-        optimizer.adamw_update_(scratched, g, *moments["s"], *args, scratch)
+        adamw.adamw_update_(transposed(whole), transposed(g), *map(transposed, moments["whole"]), *args)
+        adamw.adamw_update_(pieces, g, *moments["pieces"], *args)
+        adamw.adamw_update_(scratched, g, *moments["s"], *args, scratch)
     for other in ("pieces", "s"):
         for a, b in zip(moments["whole"], moments[other]):
             assert torch.equal(a, b)

@@ -1,4 +1,5 @@
-"""Activation recomputation (moelib.model.recompute): same numbers, fewer bytes kept, side effects once."""
+"""Activation recomputation (moelib.model.recompute hooks, moelib.train.recompute policy): same numbers, fewer bytes
+kept, side effects once."""
 
 import contextlib
 
@@ -7,11 +8,11 @@ import torch
 
 from moelib import ConfigError, ModelConfig, PrecisionConfig
 from moelib.model import build_model
-from moelib.model.recompute import MODES, apply_recompute
 from moelib.parallel.pipeline.segments import backward_steps, drain, forward_steps
 from moelib.parallel.pipeline.stage import PipelineStage, StageSpec
 from moelib.precision.telemetry import collect_telemetry
 from moelib.precision.weight_grad import WeightGradStore
+from moelib.train.recompute import MODES, apply_recompute
 
 SMALL = dict(vocab_size=300, hidden_size=48, num_hidden_layers=3, intermediate_size=64, moe_intermediate_size=24,
              n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2, q_lora_rank=24, kv_lora_rank=16,

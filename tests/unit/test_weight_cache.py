@@ -7,9 +7,9 @@ import torch
 from moelib import ModelConfig, TrainConfig
 from moelib.config import ParallelConfig
 from moelib.model import build_model
-from moelib.parallel.engine import ParallelTrainer
 from moelib.precision import weight_cache
 from moelib.train.optimizer import build_optimizer
+from moelib.train.parallel_trainer import ParallelTrainer
 from moelib.train.schedules import lr_at
 
 CFG = ModelConfig.from_preset("tiny", num_hidden_layers=2, vocab_size=300, hidden_size=64, intermediate_size=96,

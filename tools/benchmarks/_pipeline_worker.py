@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from moelib import ModelConfig, TrainConfig  # noqa: E402
 from moelib.config import ParallelConfig  # noqa: E402
-from moelib.parallel.engine import ParallelTrainer  # noqa: E402
+from moelib.train.parallel_trainer import ParallelTrainer  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--schedule", required=True)

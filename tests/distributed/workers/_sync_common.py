@@ -13,6 +13,7 @@ from torch import nn
 
 from moelib.config import ModelConfig
 from moelib.errors import MoelibError
+from moelib.model.dispatch import Dispatcher
 from moelib.model.moe import MoE
 from moelib.parallel import launch
 
@@ -100,7 +101,7 @@ class _SumToOwn(torch.autograd.Function):
         return torch.cat(parts), None
 
 
-class GatherDispatcher:
+class GatherDispatcher(Dispatcher):
     """Expert parallelism the simple way, as an independent check of the gradient scaling: every EP rank
     gathers all tokens of its EP group, computes the pairs routed to its own experts, and the partial
     outputs are summed back to each token's home rank. Its gradients have the all-to-all's semantics (an

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from moelib import ModelConfig, TrainConfig
 from moelib.config import ParallelConfig
-from moelib.parallel.engine import ParallelTrainer
+from moelib.train.parallel_trainer import ParallelTrainer
 from moelib.train.trainer import Trainer
 
 p = argparse.ArgumentParser()

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from moelib.config import ModelConfig, ParallelConfig, TrainConfig
-from moelib.parallel.engine import ParallelTrainer
+from moelib.train.parallel_trainer import ParallelTrainer
 
 MOMENTS = {"dualpipe": "bf16", "1f1b": "fp32"}  # both moment widths are exercised
 

@@ -2,7 +2,8 @@
 and EDP, ZeRO-1 AdamW, and the router-bias update from the global batch's expert counts.
 
 Every rank builds only its own stages (parameters initialised as in the full model, keyed by name), so
-single-process training of the same model and data is the reference every layout must reproduce.
+single-process training of the same model and data (moelib.train.trainer.Trainer) is the reference every
+layout must reproduce.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch.distributed as dist
 
 from moelib.config import ModelConfig, ParallelConfig, TrainConfig
 from moelib.errors import CheckpointError, ConfigError
-from moelib.model.recompute import apply_recompute
 from moelib.model.router import max_violation
 from moelib.parallel.expert_parallel import shard_experts
 from moelib.parallel.grad_sync import GradSync
@@ -26,9 +26,10 @@ from moelib.parallel.pipeline.runtime import PipelineRuntime
 from moelib.parallel.pipeline.schedule import build_schedule
 from moelib.parallel.pipeline.stage import PipelineStage, build_stage, split_layers
 from moelib.parallel.zero import ZeroAdamW
+from moelib.precision.adamw import moment_dtype_of
 from moelib.precision.weight_grad import fresh_grads
 from moelib.train.ema import ParameterEMA
-from moelib.train.optimizer import moment_dtype_of
+from moelib.train.recompute import apply_recompute
 from moelib.train.schedules import lr_at
 
 

@@ -1,0 +1,88 @@
+"""Token movement between a MoE layer and its routed experts: the Dispatcher protocol and its one-process
+implementation.
+
+A dispatcher takes each token to the experts it was routed to and brings their outputs back, weighted by
+the gate values. ``LocalDispatcher`` (all experts on this process) is the model's default, so a model runs
+in one process without the parallel layer; moelib.parallel.expert_parallel.AllToAllDispatcher implements
+the same protocol over all-to-alls when experts are sharded. The row mechanics both use are in
+moelib.precision.rows.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from moelib.precision.rows import gather_tokens, take_rows, weighted_sum
+
+
+class Dispatcher(ABC):
+    """``dispatch(x, indices, weights, num_experts)`` returns the rows this process's experts must compute
+    (sorted by local expert), the row count of each local expert and a state; ``combine(y, state)`` returns
+    sum_k weight_k * expert_k(x) per token. ``run`` is both around the experts."""
+
+    @abstractmethod
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, num_experts: int):
+        ...
+
+    @abstractmethod
+    def combine(self, y: torch.Tensor, state) -> torch.Tensor:
+        ...
+
+    def run(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts,
+            num_experts: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(combine(experts(dispatch(...))) [N, H], rows per local expert [E_local]); ``num_experts`` is
+        the layer's (all ranks'), by default the experts'."""
+        rows, counts, state = self.dispatch(x, indices, weights, num_experts or experts.num_experts)
+        return self.combine(experts(rows, counts), state), counts
+
+
+@dataclass
+class DispatchState:
+    order: torch.Tensor    # [N*k]: the (token, slot) pairs in expert order
+    inverse: torch.Tensor  # [N*k]: where each (token, slot) pair sits in expert order
+    weights: torch.Tensor  # [N, k]: gate values, applied when combining
+    num_tokens: int
+    top_k: int
+
+
+def by_expert(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (token, slot) pairs of ``indices`` [N, k] in expert order (stable: token order within an expert),
+    and each expert's count."""
+    flat = indices.reshape(-1)
+    return torch.argsort(flat, stable=True), torch.bincount(flat, minlength=num_experts)
+
+
+class LocalDispatcher(Dispatcher):
+    """All experts on this process: sort (token, slot) pairs by expert, gather, and undo it."""
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, num_experts: int):
+        order, counts = by_expert(indices, num_experts)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        top_k = indices.shape[1]
+        state = DispatchState(order, inverse, weights, x.shape[0], top_k)
+        no_padding = order[:0]
+        return gather_tokens(x, order // top_k, no_padding, inverse, top_k), counts, state
+
+    def combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """y [N*k, H] in expert order -> sum_k weight_k * y_k per token, [N, H]."""
+        unsorted = take_rows(y, state.inverse, state.order, state.order[:0])
+        unsorted = unsorted.view(state.num_tokens, state.top_k, y.shape[-1])
+        return weighted_sum(unsorted, state.weights)
+
+    def run(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts,
+            num_experts: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """combine(experts(*dispatch(...))) with the same bits, returning (out [N, H], counts [E]): tokens are
+        gathered straight into the experts' padded layout and their outputs straight back per (token, slot),
+        two passes over the routed rows fewer each way than dispatching, padding, unpadding and combining."""
+        order, counts = by_expert(indices, experts.num_experts)
+        layout = experts.layout(x, counts)
+        top_k = indices.shape[1]
+        pos = torch.empty_like(order).index_copy_(0, order, layout.rows)  # each pair's row in the layout
+        pair = order.index_select(0, layout.source)  # the pair each row holds (any, for padding)
+        rows = gather_tokens(x, pair // top_k, layout.padding, pos, top_k)
+        # Back per (token, slot): the layout read in token order.
+        out = take_rows(experts.compute(rows, layout.counts), pos, pair, layout.padding)
+        return weighted_sum(out.view(x.shape[0], top_k, out.shape[-1]), weights), counts
