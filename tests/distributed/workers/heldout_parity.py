@@ -17,10 +17,10 @@ import torch.distributed as dist
 from moelib import ModelConfig, TrainConfig
 from moelib.config import ParallelConfig
 from moelib.model import build_model
-from moelib.train.parallel_trainer import ParallelTrainer
 from moelib.parallel.launch import init
 from moelib.train.checkpoint import CheckpointReader, save_checkpoint
 from moelib.train.evaluate import evaluate, evaluate_model
+from moelib.train.parallel_trainer import ParallelTrainer
 from moelib.train.trainer import Trainer
 
 p = argparse.ArgumentParser()
