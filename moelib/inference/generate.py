@@ -4,7 +4,7 @@ with ``speculative="mtp"``, verify MTP drafts)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +30,7 @@ def as_prompts(input_ids: torch.Tensor | Sequence[Sequence[int]]) -> list[torch.
     else:
         rows = [torch.as_tensor(list(p), dtype=torch.long) for p in input_ids]
     if not rows or any(r.numel() == 0 for r in rows):
-        raise DataError("input_ids (the prompt) is empty; give at least one token")
+        raise DataError("the prompt (input_ids, --prompt) is empty; give at least one token")
     return rows
 
 
@@ -80,9 +80,9 @@ def model_dtype(model: Transformer) -> torch.dtype:
 
 @torch.no_grad()
 def decode(model: Transformer, tokens: torch.Tensor, pad: torch.Tensor, max_new_tokens: int, sampler: Sampler, *,
-           temperature: float, top_k: int, top_p: float, eos_token_id: int | None,
-           absorb: bool) -> tuple[torch.Tensor, dict]:
-    """Plain decoding of a left-padded batch: (new tokens [B, N], stats)."""
+           temperature: float, top_k: int, top_p: float, eos_token_id: int | None, absorb: bool,
+           stream: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, dict]:
+    """Plain decoding of a left-padded batch: (new tokens [B, N], stats); ``stream`` gets each step's [B, 1]."""
     cfg, (batch, width) = model.cfg, tokens.shape
     device = model.embed_tokens.weight.device
     cache = KVCache(cfg.num_hidden_layers, cfg, batch, width + max_new_tokens, pad=pad, absorb=absorb,
@@ -93,6 +93,8 @@ def decode(model: Transformer, tokens: torch.Tensor, pad: torch.Tensor, max_new_
     while True:
         x = sampler.categorical(distribution(model.lm_head(h[:, -1]), temperature, top_k, top_p))
         new.append(x)
+        if stream is not None:
+            stream(x[:, None].cpu())
         if eos_token_id is not None:
             done |= x == eos_token_id
         if len(new) == max_new_tokens or bool(done.all()):
@@ -109,7 +111,7 @@ def decode(model: Transformer, tokens: torch.Tensor, pad: torch.Tensor, max_new_
 def generate(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
              seed: int | None = None, speculative: str | None = None, attention: str = "absorb",
-             pad_token_id: int = 0) -> Generation:
+             pad_token_id: int = 0, stream: Callable[[torch.Tensor], None] | None = None) -> Generation:
     """Generation(tokens [B, T + N], stats) continuing each prompt by max_new_tokens tokens.
 
     ``input_ids``: a LongTensor [B, T], or a list of prompts of different lengths, which are left-padded
@@ -121,7 +123,8 @@ def generate(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int
     are then decoded one at a time. ``attention``: "absorb" (default) or "naive" MLA over the cache.
     stats: main_forwards, drafted, accepted, acceptance_rate (accepted / drafted, 0 without drafts),
     kv_bytes_per_token (the main model's cache for one token of one sequence, all layers) and
-    tokens_per_s (new tokens of all sequences over the wall time).
+    tokens_per_s (new tokens of all sequences over the wall time). ``stream`` is called with the new tokens
+    [B, k] as they are produced (with speculative decoding, [1, k] of the sequence being decoded).
     """
     prompts = as_prompts(input_ids)
     check_request(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -136,14 +139,15 @@ def generate(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int
         rows, stats = [], {}
         for p in prompts:
             row, s = speculative_decode(model, p[None], max_new_tokens, sampler, temperature=temperature,
-                                        top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, absorb=absorb)
+                                        top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, absorb=absorb,
+                                        stream=stream)
             rows.append(row)
             stats = {k: stats.get(k, 0) + v for k, v in s.items() if k != "kv_bytes_per_token"}
             stats["kv_bytes_per_token"] = s["kv_bytes_per_token"]
         new = torch.cat(rows)
     else:
         new, stats = decode(model, tokens, pad, max_new_tokens, sampler, temperature=temperature, top_k=top_k,
-                            top_p=top_p, eos_token_id=eos_token_id, absorb=absorb)
+                            top_p=top_p, eos_token_id=eos_token_id, absorb=absorb, stream=stream)
     seconds = time.perf_counter() - start
     stats["acceptance_rate"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
     stats["tokens_per_s"] = new.numel() / seconds if seconds > 0 else float("inf")

@@ -12,6 +12,8 @@ output for the positions it has not consumed yet.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from moelib.inference.cache import KVCache
@@ -30,8 +32,9 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def speculative_decode(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, sampler: Sampler, *,
                        temperature: float, top_k: int, top_p: float, eos_token_id: int | None,
-                       absorb: bool) -> tuple[torch.Tensor, dict]:
-    """(new tokens [1, N], stats) for one prompt [1, T], drafting with MTP depth 1."""
+                       absorb: bool, stream: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, dict]:
+    """(new tokens [1, N], stats) for one prompt [1, T], drafting with MTP depth 1; ``stream`` gets each
+    token as [1, 1]."""
     cfg, length = model.cfg, prompt.shape[1] + max_new_tokens
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     main = KVCache(cfg.num_hidden_layers, cfg, 1, length, absorb=absorb, dtype=dtype, device=device)
@@ -40,10 +43,16 @@ def speculative_decode(model: Transformer, prompt: torch.Tensor, max_new_tokens:
     def dist(h: torch.Tensor) -> torch.Tensor:
         return distribution(model.lm_head(h), temperature, top_k, top_p)
 
-    seq = prompt[0].to(device).tolist()
+    seq = prompt[0].tolist()
+
+    def append(token: int) -> None:
+        seq.append(token)
+        if stream is not None:
+            stream(torch.tensor([[token]]))
+
     hidden = model.cached_hidden_states(prompt.to(device), main)  # main outputs the MTP has not consumed
     x = int(sampler.categorical(dist(hidden[:, -1]))[0])
-    seq.append(x)
+    append(x)
     forwards, drafted, accepted, start = 1, 0, 0, len(seq) - 1
     while len(seq) - start < max_new_tokens and x != eos_token_id:
         # Draft: MTP over the positions [mtp.length, main.length), each with the token after it.
@@ -56,7 +65,7 @@ def speculative_decode(model: Transformer, prompt: torch.Tensor, max_new_tokens:
         p = dist(hidden[0])  # [2, V]: the token after x, and the one after d
         if bool(sampler.bernoulli((p[0, d] / q[0, d]).clamp(max=1))):
             accepted += 1
-            seq.append(d)
+            append(d)
             if len(seq) - start == max_new_tokens or d == eos_token_id:
                 break
             x = int(sampler.categorical(p[1:])[0])
@@ -64,7 +73,7 @@ def speculative_decode(model: Transformer, prompt: torch.Tensor, max_new_tokens:
             main.rollback(1)  # forget d
             hidden = hidden[:, :1]
             x = int(sampler.categorical(residual(p[:1], q))[0])
-        seq.append(x)
+        append(x)
     new = torch.tensor([seq[start:]])
     if new.shape[1] < max_new_tokens:  # ended on eos
         new = torch.cat([new, new.new_full((1, max_new_tokens - new.shape[1]), eos_token_id)], 1)
