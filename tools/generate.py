@@ -94,6 +94,7 @@ def run_one(model, tok: Tokenizer, text: str, args: argparse.Namespace) -> None:
     out = generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, eos_token_id=tok.eod, seed=args.seed, speculative=args.speculative,
                    stream=stream)
+    print(tok.decode(new)[len(shown):], end="")  # whatever a cut-off character held back
     s = out.stats
     accept = f"{s['acceptance_rate']:.2f} ({s['accepted']}/{s['drafted']})" if s["drafted"] else "n/a"
     print(f"\n[{len(new)} tokens, {s['tokens_per_s']:.1f} tokens/s, MTP acceptance {accept}, "

@@ -1,6 +1,5 @@
 """tools/generate.py: streams text from an HF directory with its tokenizer; bad input exits 1 with one line."""
 
-import json
 import os
 import runpy
 import subprocess
@@ -9,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from _hf import write_hf
 
 from moelib import ModelConfig
 from moelib.model import build_model
-from moelib.train.hf_format import to_hf_config, to_hf_state_dict
 from moelib.train.tokenizer import train_bpe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,11 +25,7 @@ DIMS = dict(vocab_size=266, hidden_size=32, num_hidden_layers=2, intermediate_si
 
 def hf_dir(path: Path, **overrides) -> Path:
     cfg = ModelConfig.from_preset("tiny", **{**DIMS, **overrides})
-    model = build_model(cfg, "fp32", seed=0)
-    path.mkdir()
-    tensors = {k: v.contiguous().clone() for k, v in to_hf_state_dict(model.state_dict(), cfg)}
-    save_file(tensors, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps(to_hf_config(cfg, "float32")))
+    write_hf(build_model(cfg, "fp32", seed=0), path)
     train_bpe(TEXT, 300, save_path=path / "tokenizer.json")
     return path
 
