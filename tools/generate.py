@@ -4,14 +4,18 @@
     python tools/generate.py --load hf/tiny --prompt-file prompt.txt --temperature 0.8 --top-p 0.95 --seed 1
     python tools/generate.py --load CKPT --interactive --speculative mtp --dtype bf16
 
-The tokenizer is --tokenizer, else the checkpoint's tokenizer.json, else the default corpus's (the one
-`make pretrain` trains on). Text is streamed as it is generated; the last line gives tokens/s, the MTP
-acceptance rate and the KV cache's bytes per token.
+    mpirun -n 4 python tools/generate.py --load CKPT --prompt "import os"   # experts sharded over 4 ranks
+
+Under mpirun (or torchrun) the routed experts are sharded over the ranks as in training; every rank runs
+the same request and rank 0 prints. The tokenizer is --tokenizer, else the checkpoint's tokenizer.json,
+else the default corpus's (the one `make pretrain` trains on). Text is streamed as it is generated; the
+last line gives tokens/s, the MTP acceptance rate and the KV cache's bytes per token.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,9 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moelib.errors import DataError, MoelibError  # noqa: E402
+from moelib.convert import load_model  # noqa: E402
+from moelib.errors import ConfigError, DataError, MoelibError  # noqa: E402
 from moelib.inference.generate import generate  # noqa: E402
-from moelib.inference.load import DTYPES, load_model  # noqa: E402
+from moelib.inference.load import DTYPES, cast_weights, check_dtype  # noqa: E402
+from moelib.inference.sampling import Sampler  # noqa: E402
+from moelib.parallel.launch import process_rank, started_by_mpi  # noqa: E402
 from moelib.train.checkpoint import resolve  # noqa: E402
 from moelib.train.tokenizer import Tokenizer  # noqa: E402
 
@@ -76,7 +83,7 @@ def read_prompts(args: argparse.Namespace):
             yield line.rstrip("\n")
 
 
-def run_one(model, tok: Tokenizer, text: str, args: argparse.Namespace) -> None:
+def run_one(model, tok: Tokenizer, text: str, args: argparse.Namespace, sampler: Sampler, show: bool) -> None:
     ids = tok.encode(text)
     if not ids:
         raise DataError("--prompt is empty (it encodes to no tokens); give some text")
@@ -87,13 +94,15 @@ def run_one(model, tok: Tokenizer, text: str, args: argparse.Namespace) -> None:
         nonlocal shown
         new.extend(tokens[0].tolist())
         text = tok.decode(new)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+        if show and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             print(text[len(shown):], end="", flush=True)
             shown = text
 
     out = generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, eos_token_id=tok.eod, seed=args.seed, speculative=args.speculative,
-                   stream=stream)
+                   top_p=args.top_p, eos_token_id=tok.eod, speculative=args.speculative, stream=stream,
+                   sampler=sampler)
+    if not show:
+        return
     print(tok.decode(new)[len(shown):], end="")  # whatever a cut-off character held back
     s = out.stats
     accept = f"{s['acceptance_rate']:.2f} ({s['accepted']}/{s['drafted']})" if s["drafted"] else "n/a"
@@ -104,11 +113,22 @@ def run_one(model, tok: Tokenizer, text: str, args: argparse.Namespace) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
-    model = load_model(args.load, args.dtype)
+    check_dtype(args.dtype)
+    model = load_model(args.load)
+    sampler, show = Sampler(args.seed), True
+    if started_by_mpi() or "WORLD_SIZE" in os.environ:
+        if args.interactive:
+            raise ConfigError("--interactive reads stdin, which only rank 0 has; use --prompt or --prompt-file "
+                              "under mpirun")
+        from moelib.inference.expert_parallel import SyncedSampler, expert_parallel
+
+        show = expert_parallel(model).is_main
+        sampler = SyncedSampler(args.seed)
+    model = cast_weights(model, args.dtype)
     tok = find_tokenizer(args, model.cfg.vocab_size)
     for text in read_prompts(args):
         try:
-            run_one(model, tok, text, args)
+            run_one(model, tok, text, args, sampler, show)
         except MoelibError as err:
             if not args.interactive:
                 raise
@@ -120,5 +140,6 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except MoelibError as err:
-        print(f"generate: error: {err}", file=sys.stderr)
+        if process_rank() == 0:
+            print(f"generate: error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -111,7 +111,8 @@ def decode(model: Transformer, tokens: torch.Tensor, pad: torch.Tensor, max_new_
 def generate(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
              seed: int | None = None, speculative: str | None = None, attention: str = "absorb",
-             pad_token_id: int = 0, stream: Callable[[torch.Tensor], None] | None = None) -> Generation:
+             pad_token_id: int = 0, stream: Callable[[torch.Tensor], None] | None = None,
+             sampler: Sampler | None = None) -> Generation:
     """Generation(tokens [B, T + N], stats) continuing each prompt by max_new_tokens tokens.
 
     ``input_ids``: a LongTensor [B, T], or a list of prompts of different lengths, which are left-padded
@@ -125,11 +126,12 @@ def generate(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int
     kv_bytes_per_token (the main model's cache for one token of one sequence, all layers) and
     tokens_per_s (new tokens of all sequences over the wall time). ``stream`` is called with the new tokens
     [B, k] as they are produced (with speculative decoding, [1, k] of the sequence being decoded).
+    ``sampler`` replaces the one ``seed`` would make (expert-parallel runs pass a SyncedSampler).
     """
     prompts = as_prompts(input_ids)
     check_request(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                   speculative=speculative, attention=attention)
-    sampler = Sampler(seed, model.embed_tokens.weight.device)
+    sampler = sampler or Sampler(seed, model.embed_tokens.weight.device)
     tokens, pad = left_pad(prompts, pad_token_id)
     absorb = attention == "absorb"
     start = time.perf_counter()

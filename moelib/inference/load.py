@@ -31,7 +31,12 @@ def load_model(path: str | os.PathLike, dtype: str = "fp32") -> Transformer:
     directory (the block-FP8 export included), weights in ``dtype``: "fp32", "bf16", or "fp8" (E4M3 with
     128x128 block scales for the Linears and experts, everything else bf16)."""
     check_dtype(dtype)
-    model = load_fp32(path)
+    return cast_weights(load_fp32(path), dtype)
+
+
+def cast_weights(model: Transformer, dtype: str) -> Transformer:
+    """``model`` (fp32, possibly expert-sharded) with its weights in ``dtype``, in place."""
+    check_dtype(dtype)
     if dtype == "fp32":
         return model
     model = to_bf16(model)
