@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from benchmarks import result_path
 from moelib import ModelConfig
 from moelib.convert import load_model
 from moelib.inference.fp8_weights import quantize_weights, resident_bytes
@@ -93,6 +94,29 @@ def hf_peer(path: Path, dtype: torch.dtype, ids: torch.Tensor, new: int, repeats
             "tokens": out.sequences[:, ids.shape[1]:]}
 
 
+def plot(path: Path, rows: list[dict], title: str) -> None:
+    """Tokens/s per batch: moelib, transformers, and MTP speculative where measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    series = [("moelib", "moelib_tokens_per_s"), ("transformers", "hf_tokens_per_s"),
+              ("moelib + MTP speculative", "speculative_tokens_per_s")]
+    width = 0.8 / len(series)
+    for i, (label, key) in enumerate(series):
+        xs = [j + i * width for j, r in enumerate(rows) if key in r]
+        ax.bar(xs, [r[key] for r in rows if key in r], width, label=label)
+    ax.set_xticks([j + width for j in range(len(rows))], [f"batch {r['batch']}" for r in rows])
+    ax.set_ylabel("new tokens / s")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,6 +159,9 @@ def run(args) -> dict:
         memory["gemm_weights_ratio"] = (sum(p.numel() + 4 * p.scale_inv.numel() for p in quantised)
                                         / sum(2 * p.numel() for p in quantised))
     v3 = analytic_v3()
+    png = result_path(args, variant(args)).with_suffix(".png")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    plot(png, rows, f"decode, {args.load or args.preset}, {args.dtype}, prompt {args.prompt_len}, {args.new} new")
     print(f"decode: {args.load or args.preset + ' (random weights)'}, {args.dtype}, prompt {args.prompt_len}, "
           f"{args.new} new, prompts: {source}")
     print("| batch | moelib tok/s | transformers tok/s | speed-up | cache B/token: moelib | transformers "
@@ -154,5 +181,7 @@ def run(args) -> dict:
           f"({memory['ratio']:.3f}x; the quantised GEMM weights alone {memory['gemm_weights_ratio']:.3f}x)")
     print(f"v3-671b analytic cache (bf16): MLA {v3['mla_bytes']} B/token vs full-K/V MHA {v3['mha_bytes']} B/token "
           f"({v3['ratio']:.0f}x)")
-    return {"model": args.load or f"{args.preset} (random weights)", "dtype": args.dtype, "prompt_len": args.prompt_len,
+    print(f"plot: {png}")
+    return {"plot": str(png), "model": args.load or f"{args.preset} (random weights)", "dtype": args.dtype,
+            "prompt_len": args.prompt_len,
             "new": args.new, "prompts": source, "rows": rows, "resident": memory, "v3_671b_cache": v3}
