@@ -70,28 +70,22 @@ def prompts(cfg: ModelConfig, batch: int, length: int) -> tuple[torch.Tensor, st
             f"random ids ({type(e).__name__})"
 
 
-def best_of(repeats: int, fn) -> tuple[float, object]:
-    best, out = float("inf"), None
+def interleaved_best(repeats: int, runs: dict) -> dict[str, tuple[float, object]]:
+    """{name: (best seconds, last output)} of each zero-argument callable, the contenders taking turns each
+    repeat, so load from other jobs on shared cores falls on all of them alike."""
+    best = {name: (float("inf"), None) for name in runs}
     for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            out = fn()
+            best[name] = (min(best[name][0], time.perf_counter() - t), out)
+    return best
 
 
-def hf_peer(path: Path, dtype: torch.dtype, ids: torch.Tensor, new: int, repeats: int) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
-    with torch.no_grad():
-        seconds, out = best_of(repeats, lambda: hf.generate(ids, max_new_tokens=new, min_new_tokens=new,
-                                                            do_sample=False, pad_token_id=0,
-                                                            return_dict_in_generate=True))
-    cache = out.past_key_values
-    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-    per_token = sum(t.numel() * t.element_size() for t in tensors) / (ids.shape[0] * tensors[0].shape[-2])
-    return {"tokens_per_s": ids.shape[0] * new / seconds, "cache_bytes_per_token": per_token,
-            "tokens": out.sequences[:, ids.shape[1]:]}
+def hf_cache_bytes_per_token(out, batch: int) -> float:
+    """Bytes per token of one sequence in transformers' returned cache, all layers."""
+    tensors = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+    return sum(t.numel() * t.element_size() for t in tensors) / (batch * tensors[0].shape[-2])
 
 
 def plot(path: Path, rows: list[dict], title: str) -> None:
@@ -133,20 +127,33 @@ def run(args) -> dict:
         fp32_copy = copy.deepcopy(model)
         model = cast_weights(model, args.dtype)
         torch_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        hf = None
+        if not args.no_hf:
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype, attn_implementation="eager").eval()
         rows, source = [], ""
         for batch in [int(b) for b in args.batches.split(",")]:
             ids, source = prompts(cfg, batch, args.prompt_len)
-            seconds, ours = best_of(args.repeats, partial(generate, model, ids, args.new))
+            runs = {"moelib": partial(generate, model, ids, args.new)}
+            if hf is not None:
+                runs["hf"] = partial(torch.no_grad()(hf.generate), ids, max_new_tokens=args.new,
+                                     min_new_tokens=args.new, do_sample=False, pad_token_id=0,
+                                     return_dict_in_generate=True)
+            if batch == 1 and len(model.mtp):
+                runs["mtp"] = partial(generate, model, ids, args.new, speculative="mtp")
+            best = interleaved_best(args.repeats, runs)
+            seconds, ours = best["moelib"]
             row = {"batch": batch, "moelib_tokens_per_s": batch * args.new / seconds,
                    "moelib_cache_bytes_per_token": ours.stats["kv_bytes_per_token"]}
-            if not args.no_hf:
-                peer = hf_peer(hf_dir, torch_dtype, ids, args.new, args.repeats)
-                row.update(hf_tokens_per_s=peer["tokens_per_s"], hf_cache_bytes_per_token=peer["cache_bytes_per_token"],
-                           speedup=row["moelib_tokens_per_s"] / peer["tokens_per_s"],
-                           same_tokens=float((peer["tokens"] == ours.tokens[:, ids.shape[1]:]).float().mean()))
-            if batch == 1 and len(model.mtp):
-                s_seconds, spec = best_of(args.repeats, partial(generate, model, ids, args.new,
-                                                                   speculative="mtp"))
+            if "hf" in best:
+                hf_seconds, theirs = best["hf"]
+                row.update(hf_tokens_per_s=batch * args.new / hf_seconds, speedup=hf_seconds / seconds,
+                           hf_cache_bytes_per_token=hf_cache_bytes_per_token(theirs, batch),
+                           same_tokens=float((theirs.sequences[:, -args.new:] == ours.tokens[:, -args.new:])
+                                             .float().mean()))
+            if "mtp" in best:
+                s_seconds, spec = best["mtp"]
                 row.update(speculative_tokens_per_s=args.new / s_seconds, acceptance_rate=spec.stats["acceptance_rate"],
                            speculative_speedup=seconds / s_seconds,
                            speculative_same_tokens=bool(torch.equal(spec.tokens, ours.tokens)))
