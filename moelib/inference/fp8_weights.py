@@ -63,7 +63,8 @@ class ResidentFp8Backend(Backend):
 
 
 def quantize_weights(model: nn.Module) -> nn.Module:
-    """Make ``model`` (bf16) keep its Linear and expert weights in FP8, in place."""
+    """Make ``model`` keep its Linear and expert weights in FP8, in place (quantised from their values,
+    fp32 or bf16; the rest is left as it is)."""
     backend = ResidentFp8Backend()
     for name, module in model.named_modules():
         if isinstance(module, Linear) and not name.endswith("kv_b_proj"):

@@ -19,10 +19,12 @@ def check_dtype(dtype: str) -> None:
 
 
 def to_bf16(model: Transformer) -> Transformer:
-    """The model in bf16, except the routers (V3 scores and biases experts in fp32); computes in bf16."""
-    model.to(torch.bfloat16)
-    for moe in model.moe_layers().values():
-        moe.gate.float()
+    """The model's fp32 parameters in bf16, in place, except the routers' (V3 scores and biases experts in
+    fp32); buffers stay fp32 (RoPE's frequencies in bf16 would turn late positions by whole radians)."""
+    routers = {id(p) for moe in model.moe_layers().values() for p in moe.gate.parameters()}
+    for p in model.parameters():
+        if p.dtype == torch.float32 and id(p) not in routers:
+            p.data = p.data.to(torch.bfloat16)
     return model
 
 
@@ -37,11 +39,8 @@ def load_model(path: str | os.PathLike, dtype: str = "fp32") -> Transformer:
 def cast_weights(model: Transformer, dtype: str) -> Transformer:
     """``model`` (fp32, possibly expert-sharded) with its weights in ``dtype``, in place."""
     check_dtype(dtype)
-    if dtype == "fp32":
-        return model
-    model = to_bf16(model)
-    if dtype == "fp8":
+    if dtype == "fp8":  # from the fp32 weights: an FP8 export's values come back exactly
         from moelib.inference.fp8_weights import quantize_weights
 
         quantize_weights(model)
-    return model
+    return model if dtype == "fp32" else to_bf16(model)

@@ -9,8 +9,8 @@ from _hf import write_hf
 
 import moelib
 from moelib import ModelConfig
-from moelib.inference.fp8_weights import BLOCK, dequantized, quantize_weights, resident_bytes
-from moelib.inference.load import to_bf16
+from moelib.inference.fp8_weights import BLOCK, dequantized, resident_bytes
+from moelib.inference.load import cast_weights, to_bf16
 from moelib.model import build_model
 from moelib.model.moe import GroupedExperts
 from moelib.precision.backends import Linear
@@ -20,7 +20,7 @@ CFG = dict(num_hidden_layers=2, vocab_size=512, init_std=0.05, hidden_size=256, 
 
 def fp32_bf16_fp8(**overrides):
     fp32 = build_model(ModelConfig.from_preset("tiny", **{**CFG, **overrides}), "fp32", seed=0).eval()
-    return fp32, to_bf16(copy.deepcopy(fp32)), quantize_weights(to_bf16(copy.deepcopy(fp32)))
+    return fp32, to_bf16(copy.deepcopy(fp32)), cast_weights(copy.deepcopy(fp32), "fp8")
 
 
 @pytest.fixture(scope="module")

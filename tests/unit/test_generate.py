@@ -42,6 +42,7 @@ def test_kv_bytes_per_token_is_layers_times_latent_width(to_dtype, size, one_thr
     stats = moelib.generate(model, [[1, 2, 3]], 2).stats
     assert stats["kv_bytes_per_token"] == cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * size
     assert stats["main_forwards"] == 2 and stats["drafted"] == 0 and stats["tokens_per_s"] > 0
+    assert model.inv_freq.dtype == torch.float32  # RoPE's frequencies are never rounded to bf16
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from benchmarks import result_path
 from moelib import ModelConfig
 from moelib.convert import load_model
-from moelib.inference.fp8_weights import quantize_weights, resident_bytes
+from moelib.inference.fp8_weights import resident_bytes
 from moelib.inference.generate import generate
 from moelib.inference.load import cast_weights
 from moelib.model import build_model
@@ -159,7 +159,7 @@ def run(args) -> dict:
                            speculative_same_tokens=bool(torch.equal(spec.tokens, ours.tokens)))
             rows.append(row)
         bf16 = cast_weights(copy.deepcopy(fp32_copy), "bf16")
-        fp8 = quantize_weights(cast_weights(fp32_copy, "bf16"))
+        fp8 = cast_weights(fp32_copy, "fp8")
         memory = {"bf16_bytes": resident_bytes(bf16), "fp8_bytes": resident_bytes(fp8)}
         memory["ratio"] = memory["fp8_bytes"] / memory["bf16_bytes"]
         quantised = [p for p in fp8.parameters() if hasattr(p, "scale_inv")]  # without embedding, head, norms
