@@ -39,7 +39,7 @@ def full_logits(model, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | 
 @pytest.mark.parametrize("absorb", [True, False], ids=["absorb", "naive"])
 @pytest.mark.parametrize("mtp", [1, 0], ids=["mtp", "no-mtp"])
 @torch.no_grad()
-def test_cached_decode_equals_full_forward(absorb, mtp):
+def test_cached_decode_equals_full_forward(absorb, mtp, one_thread):
     model = tiny_model(num_nextn_predict_layers=mtp)
     cfg = model.cfg
     lengths, steps = [5, 9, 2], [1, 1, 2, 1, 3]  # prompts of unequal length; decode steps of 1-3 tokens
@@ -68,7 +68,7 @@ def test_cached_decode_equals_full_forward(absorb, mtp):
 
 
 @torch.no_grad()
-def test_rolled_back_slots_are_recomputed():
+def test_rolled_back_slots_are_recomputed(one_thread):
     model = tiny_model()
     seq = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(4))
     cache = KVCache(2, model.cfg, 1, 12)
