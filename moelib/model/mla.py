@@ -3,6 +3,11 @@
 Keys and values are rebuilt from one compressed latent c_kv (kv_lora_rank wide) plus a single RoPE key
 shared by all heads, so an inference cache holds kv_lora_rank + qk_rope_head_dim values per token.
 Queries come from their own low-rank latent (or a plain projection when q_lora_rank is None).
+
+At inference ``forward`` takes one layer's view of a KV cache (moelib.inference.cache) holding only the
+normalised c_kv and the rotated k_pe. Its ``update(c_kv, k_pe)`` stores this call's tokens and returns all
+cached ones with the visibility mask [B, T, S]; its ``absorb`` picks the attention path: absorbed (W_UK
+folded into the query, W_UV applied after attention, as V2 §2.1) or naive (K and V rebuilt, the reference).
 """
 
 from __future__ import annotations
@@ -42,10 +47,13 @@ class MLA(nn.Module):
         # V3 caches this projection's input with power-of-two scales under FP8; the backend decides.
         self.o_proj = Linear(self.n_heads * self.v_dim, h, backend, pow2_input=True)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         q_in = self.q_proj(x) if hasattr(self, "q_proj") else self.q_a_proj(x)
         kv_in = self.kv_a_proj_with_mqa(x)
+        if cache is not None:
+            out = self.attend_cached(q_in, kv_in, cos, sin, cache)
+            return self.o_proj(out.reshape(bsz, seqlen, self.n_heads * self.v_dim))
         if should_recompute(self.recompute_up_proj):
             out = checkpoint(self.attend, q_in, kv_in, cos, sin, keep=keep_attention_core)
         else:
@@ -69,3 +77,31 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
         k = torch.cat([k_nope, k_pe.to(k_nope.dtype)], dim=-1).transpose(1, 2)
         return causal_attention(q, k, v.transpose(1, 2), self.scale)
+
+    def attend_cached(self, q_in: torch.Tensor, kv_in: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      cache) -> torch.Tensor:
+        """Attention of this call's tokens over the cache, [B, T, heads, v_head_dim]; cos/sin per sequence."""
+        bsz, seqlen, _ = q_in.shape
+        q = self.q_b_proj(self.q_a_layernorm(q_in)) if hasattr(self, "q_b_proj") else q_in
+        q_nope, q_pe = q.view(bsz, seqlen, self.n_heads, self.nope_dim + self.rope_dim).split(
+            [self.nope_dim, self.rope_dim], dim=-1)
+        c_kv, k_pe = kv_in.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_all, pe_all, visible = cache.update(self.kv_a_layernorm(c_kv),
+                                              apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2))
+        q_pe = apply_rope(q_pe, cos, sin)
+        scores = torch.einsum("bthr,bsr->bhts", q_pe, pe_all.to(q_pe.dtype))
+        if cache.absorb:
+            # [heads, nope + v, rank]: score = (q_nope W_UK) · c_kv, out = (P · c_kv) W_UVᵀ; K and V never exist.
+            w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+            w_uk, w_uv = w.to(q_nope.dtype).split([self.nope_dim, self.v_dim], dim=1)
+            q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
+            scores = scores + torch.einsum("bthc,bsc->bhts", q_lat, c_all.to(q_lat.dtype))
+        else:
+            kv = self.kv_b_proj(c_all).view(bsz, c_all.shape[1], self.n_heads, self.nope_dim + self.v_dim)
+            k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+            scores = scores + torch.einsum("bthd,bshd->bhts", q_nope, k_nope.to(q_nope.dtype))
+        scores = (scores.float() * self.scale).masked_fill(~visible[:, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q_nope.dtype)
+        if cache.absorb:
+            return torch.einsum("bthc,hdc->bthd", torch.einsum("bhts,bsc->bthc", probs, c_all.to(probs.dtype)), w_uv)
+        return torch.einsum("bhts,bshd->bthd", probs, v.to(probs.dtype))

@@ -59,16 +59,17 @@ def softmax_scale(cfg: ModelConfig) -> float:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, attention_factor: float):
-    """cos, sin of shape [T, dim/2] for integer positions [T]."""
-    freqs = positions.float()[:, None] * inv_freq[None, :].float()
+    """cos, sin of shape [..., dim/2] for integer positions [...] ([T], or [B, T] per sequence)."""
+    freqs = positions.float()[..., None] * inv_freq.float()
     return freqs.cos() * attention_factor, freqs.sin() * attention_factor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, heads, dim] in interleaved pairs; cos/sin: [T, dim/2]. Returns half-split layout."""
+    """x: [B, T, heads, dim] in interleaved pairs; cos/sin: [T, dim/2] or [B, T, dim/2]. Returns half-split
+    layout."""
     # [x1, x2]·[cos, cos] + [x2, x1]·[-sin, sin]: the same bits as x1·cos - x2·sin and x2·cos + x1·sin, in
     # two products over whole rows instead of four over strided halves (40 % less time on CPU, fwd + bwd).
-    cos2 = torch.cat([cos, cos], dim=-1)[:, None, :].to(x.dtype)
-    sin2 = torch.cat([-sin, sin], dim=-1)[:, None, :].to(x.dtype)
+    cos2 = torch.cat([cos, cos], dim=-1)[..., None, :].to(x.dtype)
+    sin2 = torch.cat([-sin, sin], dim=-1)[..., None, :].to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.cat([x1, x2], dim=-1) * cos2 + torch.cat([x2, x1], dim=-1) * sin2

@@ -38,17 +38,18 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(cfg, backend) if cfg.is_moe_layer(layer_id) else MLP(
             cfg.hidden_size, cfg.intermediate_size, backend)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+        """``cache``: this layer's view of an inference KV cache (see moelib.model.mla)."""
         if should_recompute(self.recompute_layer):
             return checkpoint(self.forward, x, cos, sin)
-        x = self.attention(x, cos, sin)
+        x = self.attention(x, cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
         """The first residual block (the pipeline's overlapped schedule runs the MoE half in pieces)."""
         if should_recompute(self.recompute_layer):  # called on its own by that schedule
             return checkpoint(self.attention, x, cos, sin)
-        return x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
 
 
 class MTPModule(nn.Module):
@@ -65,9 +66,10 @@ class MTPModule(nn.Module):
         self.layer = DecoderLayer(cfg, layer_id, backend)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache=None) -> torch.Tensor:
         h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return self.norm(self.layer(h, cos, sin))
+        return self.norm(self.layer(h, cos, sin, cache))
 
 
 @dataclass
@@ -155,6 +157,33 @@ class Transformer(nn.Module):
         if mtp_losses:
             loss = loss + mtp_weight / len(mtp_losses) * torch.stack(mtp_losses).sum()
         return LossOutput(loss, lm_loss, mtp_losses)
+
+    # -- inference over a KV cache (moelib.inference.cache) ------------------------------------------
+
+    def cached_rope(self, tokens: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, T, rope/2] at each sequence's next positions in ``cache``."""
+        positions = cache.begin(tokens.shape[1])
+        if int(positions.max()) >= self.cfg.max_position_embeddings:
+            raise DataError(f"position {int(positions.max())} reaches ModelConfig.max_position_embeddings "
+                            f"({self.cfg.max_position_embeddings})")
+        return rope_cos_sin(self.inv_freq.to(tokens.device), positions, self.rope_factor)
+
+    def cached_hidden_states(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """Main-model output after the final norm [B, T, hidden] for ``tokens`` appended to ``cache``."""
+        cos, sin = self.cached_rope(tokens, cache)
+        h = self.embed(tokens)
+        for i, layer in enumerate(self.layers.values()):
+            h = layer(h, cos, sin, cache.layer(i))
+        cache.commit()
+        return self.norm(h)
+
+    def cached_mtp(self, depth: int, h_prev: torch.Tensor, next_tokens: torch.Tensor, cache) -> torch.Tensor:
+        """MTP depth ``depth`` (0-based) output [B, T, hidden] at the positions ``cache`` holds next: h_prev is the
+        previous depth's (or the main model's normed) output there, next_tokens the tokens one place later."""
+        cos, sin = self.cached_rope(next_tokens, cache)
+        h = self.mtp[depth](h_prev, self.embed(next_tokens), cos, sin, cache.layer(0))
+        cache.commit()
+        return h
 
     # -- load balancing -----------------------------------------------------------------------------
 

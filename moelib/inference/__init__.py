@@ -1,0 +1,1 @@
+"""Generation: prefill and decode over the model's MLA KV cache, sampling, MTP speculative decoding."""

@@ -1,0 +1,76 @@
+"""The MLA KV cache: per layer only the normalised latent c_kv (kv_lora_rank) and the rotated RoPE key k_pe
+(qk_rope_head_dim), written at each sequence's next slots.
+
+Prompts of unequal length are left-padded: sequence b's first ``pad[b]`` slots hold padding that no real
+query sees, and its real tokens sit at positions 0, 1, ... (slot − pad[b]), so every sequence is computed
+exactly as it would be alone. A forward is ``begin(T)`` (positions of the new tokens), each layer's
+``layer(i).update(...)``, then ``commit()``; ``rollback(n)`` forgets the last n slots (rejected drafts).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moelib.config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, num_layers: int, cfg: ModelConfig, batch: int, max_len: int, *, pad: torch.Tensor | None = None,
+                 absorb: bool = True, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (num_layers, batch, max_len)
+        self.c_kv = torch.zeros(*shape, cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.k_pe = torch.zeros(*shape, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+        self.pad = torch.zeros(batch, dtype=torch.long, device=device) if pad is None else pad.to(device)
+        self.absorb = absorb
+        self.length = 0      # slots filled (the same for every sequence)
+        self._new = 0        # tokens of the forward in progress
+        self.visible: torch.Tensor | None = None
+
+    @property
+    def max_len(self) -> int:
+        return self.c_kv.shape[2]
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token of one sequence takes, summed over layers."""
+        return self.c_kv.shape[0] * (self.c_kv.shape[3] + self.k_pe.shape[3]) * self.c_kv.element_size()
+
+    def begin(self, t: int) -> torch.Tensor:
+        """Positions [B, t] of the next t tokens; also sets the mask the layers' ``update`` returns."""
+        if self.length + t > self.max_len:
+            raise ValueError(f"KVCache holds {self.max_len} slots; {self.length} used, {t} more asked for")
+        self._new = t
+        slots = torch.arange(self.length, self.length + t, device=self.pad.device)
+        keys = torch.arange(self.length + t, device=self.pad.device)
+        causal = keys[None, :] <= slots[:, None]                                  # [t, S]
+        real_key = keys[None, :] >= self.pad[:, None]                             # [B, S]
+        # A padding query sees itself only, so its (discarded) row stays finite.
+        self.visible = causal & (real_key[:, None, :] | (keys[None, :] == slots[:, None]))
+        return (slots[None, :] - self.pad[:, None]).clamp(min=0)
+
+    def layer(self, i: int) -> _LayerCache:
+        return _LayerCache(self, i)
+
+    def commit(self) -> None:
+        self.length += self._new
+        self._new = 0
+
+    def rollback(self, n: int) -> None:
+        """Forget the last n slots (their contents are overwritten by the next forward)."""
+        self.length -= n
+
+
+class _LayerCache:
+    """Layer i's view of a KVCache, the object MLA.forward takes."""
+
+    def __init__(self, cache: KVCache, i: int):
+        self.cache, self.i = cache, i
+        self.absorb = cache.absorb
+
+    def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store the new tokens' c_kv [B, T, rank] and k_pe [B, T, rope]; return all cached c_kv, k_pe and the
+        visibility mask [B, T, S]."""
+        c, start = self.cache, self.cache.length
+        end = start + c._new
+        c.c_kv[self.i, :, start:end] = c_kv
+        c.k_pe[self.i, :, start:end] = k_pe
+        return c.c_kv[self.i, :, :end], c.k_pe[self.i, :, :end], c.visible

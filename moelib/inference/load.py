@@ -1,0 +1,46 @@
+"""``moelib.load_model(path, dtype)``: a model for generation, its weights resident in fp32, bf16 or FP8."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from moelib.convert import load_model as load_fp32
+from moelib.errors import ConfigError
+from moelib.model.transformer import Transformer
+
+DTYPES = ("fp32", "bf16", "fp8")
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype (--dtype) must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def to_bf16(model: Transformer) -> Transformer:
+    """The model's fp32 parameters in bf16, in place, except the routers' (V3 scores and biases experts in
+    fp32); buffers stay fp32 (RoPE's frequencies in bf16 would turn late positions by whole radians)."""
+    routers = {id(p) for moe in model.moe_layers().values() for p in moe.gate.parameters()}
+    for p in model.parameters():
+        if p.dtype == torch.float32 and id(p) not in routers:
+            p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+def load_model(path: str | os.PathLike, dtype: str = "fp32") -> Transformer:
+    """An eval-mode CPU model from a moelib checkpoint (step directory or root) or an HF DeepSeek-V3
+    directory (the block-FP8 export included), weights in ``dtype``: "fp32", "bf16", or "fp8" (E4M3 with
+    128x128 block scales for the Linears and experts, everything else bf16)."""
+    check_dtype(dtype)
+    return cast_weights(load_fp32(path), dtype)
+
+
+def cast_weights(model: Transformer, dtype: str) -> Transformer:
+    """``model`` (fp32, possibly expert-sharded) with its weights in ``dtype``, in place."""
+    check_dtype(dtype)
+    if dtype == "fp8":  # from the fp32 weights: an FP8 export's values come back exactly
+        from moelib.inference.fp8_weights import quantize_weights
+
+        quantize_weights(model)
+    return model if dtype == "fp32" else to_bf16(model)

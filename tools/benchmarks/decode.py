@@ -1,0 +1,194 @@
+"""Decoding: moelib.generate vs transformers' generate (tokens/s), KV cache bytes, MTP speculative decoding, FP8.
+
+One model, exported once as an HF directory, is loaded by both: moelib (absorbed MLA over the latent cache)
+and transformers' DeepseekV3ForCausalLM (eager attention, its DynamicCache of full per-head K and V), both
+in --dtype, greedy, --prompt-len prompt tokens and --new new tokens at each --batches size; each figure is
+the best of --repeats runs. Also: cache bytes per token per sequence (moelib's stats, transformers' from
+its returned cache) with the analytic v3-671b figures; speculative (MTP) vs plain tokens/s at batch 1 and
+the acceptance rate on the prompts; FP8-resident bytes vs bf16. Prompts come from the held-out tail of
+the default corpus when its vocabulary matches the model's, else random ids (say which in the result).
+Without --load the model has random weights: acceptance is then meaningless, and the table says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from benchmarks import result_path
+from moelib import ModelConfig
+from moelib.convert import load_model
+from moelib.inference.fp8_weights import resident_bytes
+from moelib.inference.generate import generate
+from moelib.inference.load import cast_weights
+from moelib.model import build_model
+from moelib.train.hf_format import to_hf_config, to_hf_state_dict
+
+
+def add_args(p) -> None:
+    p.add_argument("--load", default=None, help="a trained checkpoint or HF dir (default: random --preset weights)")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
+
+
+def variant(args) -> str:
+    return args.dtype
+
+
+def analytic_v3() -> dict:
+    """Per-token bf16 cache of the v3-671b preset: MLA's latent vs multi-head K and V."""
+    cfg = ModelConfig.from_preset("v3-671b")
+    mla = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
+    mha = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 2
+    return {"mla_bytes": mla, "mha_bytes": mha, "ratio": mha / mla}
+
+
+def prompts(cfg: ModelConfig, batch: int, length: int) -> tuple[torch.Tensor, str]:
+    """[batch, length] prompt ids from the held-out end of the default corpus, else random."""
+    try:
+        from moelib.train.data import default_dataset
+
+        data = default_dataset(cfg.vocab_size, length)
+        n = len(data)
+        rows = [torch.as_tensor(data[n - 1 - i][:length], dtype=torch.long) for i in range(batch)]
+        return torch.stack(rows), "default corpus (last sequences)"
+    except Exception as e:  # no corpus for this vocabulary: the timing does not depend on the text
+        return torch.randint(0, cfg.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0)), \
+            f"random ids ({type(e).__name__})"
+
+
+def interleaved_best(repeats: int, runs: dict) -> dict[str, tuple[float, object]]:
+    """{name: (best seconds, last output)} of each zero-argument callable, the contenders taking turns each
+    repeat, so load from other jobs on shared cores falls on all of them alike."""
+    best = {name: (float("inf"), None) for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            out = fn()
+            best[name] = (min(best[name][0], time.perf_counter() - t), out)
+    return best
+
+
+def hf_cache_bytes_per_token(out, batch: int) -> float:
+    """Bytes per token of one sequence in transformers' returned cache, all layers."""
+    tensors = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+    return sum(t.numel() * t.element_size() for t in tensors) / (batch * tensors[0].shape[-2])
+
+
+def plot(path: Path, rows: list[dict], title: str) -> None:
+    """Tokens/s per batch: moelib, transformers, and MTP speculative where measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    series = [("moelib", "moelib_tokens_per_s"), ("transformers", "hf_tokens_per_s"),
+              ("moelib + MTP speculative", "speculative_tokens_per_s")]
+    width = 0.8 / len(series)
+    for i, (label, key) in enumerate(series):
+        xs = [j + i * width for j, r in enumerate(rows) if key in r]
+        ax.bar(xs, [r[key] for r in rows if key in r], width, label=label)
+    ax.set_xticks([j + width for j in range(len(rows))], [f"batch {r['batch']}" for r in rows])
+    ax.set_ylabel("new tokens / s")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.load:
+            model = load_model(args.load)
+        else:
+            model = build_model(ModelConfig.from_preset(args.preset), "fp32", seed=0).eval()
+        cfg = model.cfg
+        hf_dir = Path(tmp)
+        if not args.no_hf:  # the same weights for transformers
+            save_file({k: v.contiguous().clone() for k, v in to_hf_state_dict(model.state_dict(), cfg)},
+                      str(hf_dir / "model.safetensors"))
+            (hf_dir / "config.json").write_text(json.dumps(to_hf_config(cfg, "float32")))
+        fp32_copy = copy.deepcopy(model)
+        model = cast_weights(model, args.dtype)
+        torch_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        hf = None
+        if not args.no_hf:
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype, attn_implementation="eager").eval()
+        rows, source = [], ""
+        for batch in [int(b) for b in args.batches.split(",")]:
+            ids, source = prompts(cfg, batch, args.prompt_len)
+            runs = {"moelib": partial(generate, model, ids, args.new)}
+            if hf is not None:
+                runs["hf"] = partial(torch.no_grad()(hf.generate), ids, max_new_tokens=args.new,
+                                     min_new_tokens=args.new, do_sample=False, pad_token_id=0,
+                                     return_dict_in_generate=True)
+            if batch == 1 and len(model.mtp):
+                runs["mtp"] = partial(generate, model, ids, args.new, speculative="mtp")
+            best = interleaved_best(args.repeats, runs)
+            seconds, ours = best["moelib"]
+            row = {"batch": batch, "moelib_tokens_per_s": batch * args.new / seconds,
+                   "moelib_cache_bytes_per_token": ours.stats["kv_bytes_per_token"]}
+            if "hf" in best:
+                hf_seconds, theirs = best["hf"]
+                row.update(hf_tokens_per_s=batch * args.new / hf_seconds, speedup=hf_seconds / seconds,
+                           hf_cache_bytes_per_token=hf_cache_bytes_per_token(theirs, batch),
+                           same_tokens=float((theirs.sequences[:, -args.new:] == ours.tokens[:, -args.new:])
+                                             .float().mean()))
+            if "mtp" in best:
+                s_seconds, spec = best["mtp"]
+                row.update(speculative_tokens_per_s=args.new / s_seconds, acceptance_rate=spec.stats["acceptance_rate"],
+                           speculative_speedup=seconds / s_seconds,
+                           speculative_same_tokens=bool(torch.equal(spec.tokens, ours.tokens)))
+            rows.append(row)
+        bf16 = cast_weights(copy.deepcopy(fp32_copy), "bf16")
+        fp8 = cast_weights(fp32_copy, "fp8")
+        memory = {"bf16_bytes": resident_bytes(bf16), "fp8_bytes": resident_bytes(fp8)}
+        memory["ratio"] = memory["fp8_bytes"] / memory["bf16_bytes"]
+        quantised = [p for p in fp8.parameters() if hasattr(p, "scale_inv")]  # without embedding, head, norms
+        memory["gemm_weights_ratio"] = (sum(p.numel() + 4 * p.scale_inv.numel() for p in quantised)
+                                        / sum(2 * p.numel() for p in quantised))
+    v3 = analytic_v3()
+    png = result_path(args, variant(args)).with_suffix(".png")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    plot(png, rows, f"decode, {args.load or args.preset}, {args.dtype}, prompt {args.prompt_len}, {args.new} new")
+    print(f"decode: {args.load or args.preset + ' (random weights)'}, {args.dtype}, prompt {args.prompt_len}, "
+          f"{args.new} new, prompts: {source}")
+    print("| batch | moelib tok/s | transformers tok/s | speed-up | cache B/token: moelib | transformers "
+          "| same tokens |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['moelib_tokens_per_s']:.1f} | {r.get('hf_tokens_per_s', float('nan')):.1f} | "
+              f"{r.get('speedup', float('nan')):.2f}x | {r['moelib_cache_bytes_per_token']} | "
+              f"{r.get('hf_cache_bytes_per_token', float('nan')):.0f} | {r.get('same_tokens', float('nan')):.3f} |")
+    for r in rows:
+        if "speculative_tokens_per_s" in r:
+            print(f"MTP speculative, batch 1: {r['speculative_tokens_per_s']:.1f} tok/s vs plain "
+                  f"{r['moelib_tokens_per_s']:.1f} ({r['speculative_speedup']:.2f}x), acceptance "
+                  f"{r['acceptance_rate']:.2f}{'' if args.load else ' (random weights: not meaningful)'}, "
+                  f"same tokens as plain greedy: {r['speculative_same_tokens']}")
+    print(f"resident weights: fp8 {memory['fp8_bytes'] / 1e6:.1f} MB vs bf16 {memory['bf16_bytes'] / 1e6:.1f} MB "
+          f"({memory['ratio']:.3f}x; the quantised GEMM weights alone {memory['gemm_weights_ratio']:.3f}x)")
+    print(f"v3-671b analytic cache (bf16): MLA {v3['mla_bytes']} B/token vs full-K/V MHA {v3['mha_bytes']} B/token "
+          f"({v3['ratio']:.0f}x)")
+    print(f"plot: {png}")
+    return {"plot": str(png), "model": args.load or f"{args.preset} (random weights)", "dtype": args.dtype,
+            "prompt_len": args.prompt_len,
+            "new": args.new, "prompts": source, "rows": rows, "resident": memory, "v3_671b_cache": v3}
