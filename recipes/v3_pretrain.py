@@ -121,9 +121,9 @@ def main(argv=None) -> int:
     model_cfg, train_cfg, data_cfg = run.model, run.train, run.data
     run_record = {"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg),
                   "data": dataclasses.asdict(data_cfg)}
-    check_outputs(args, model_cfg, train_cfg, run_record, env)
     par = run.parallel or auto_layout(env.world_size, model_cfg)
     par.validate(env.world_size, model_cfg)
+    check_outputs(args, model_cfg, train_cfg, run_record, env)
     if data_cfg.data_path:
         data_prefix, tokenizer_path = data_cfg.data_path, data_cfg.tokenizer
     else:

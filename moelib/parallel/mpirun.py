@@ -9,6 +9,7 @@ turns the first SIGINT/SIGTERM into SIGUSR1 for mpirun: every rank saves after i
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,8 @@ import sys
 from pathlib import Path
 
 from moelib.parallel.launch import LaunchError
+
+TERMINAL_ENV = "MOELIB_TERMINAL"  # set for the ranks when the wrapper runs on a terminal (progress bar)
 
 
 def mpirun_path() -> str:
@@ -31,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run mpirun with ``argv`` until it exits; returns its exit code."""
     argv = sys.argv[1:] if argv is None else argv
     # stdin from /dev/null: mpirun, outside the terminal's foreground group, must not read the terminal.
-    proc = subprocess.Popen([mpirun_path(), *argv], start_new_session=True, stdin=subprocess.DEVNULL)
+    env = dict(os.environ)
+    if sys.stderr.isatty():  # rank 0's stderr is a pipe to mpirun: tell it the user watches a terminal
+        env[TERMINAL_ENV] = "1"
+    proc = subprocess.Popen([mpirun_path(), *argv], start_new_session=True, stdin=subprocess.DEVNULL, env=env)
     received = []
 
     def forward(signum, frame):
