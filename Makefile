@@ -24,8 +24,9 @@ test: $(STAMP)
 	$(PY) -m ruff check moelib moelib_cuda recipes tools tests
 	$(PY) -m pytest -q -x --durations=15 tests
 
+# Under 5 minutes on 2 cores: leaves out the tests marked slow and those that start mpirun (marked dist).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -x -m "not slow" tests
+	$(PY) -m pytest -q -x --durations=10 -m "not slow and not dist" tests
 
 pretrain: $(STAMP)
 	$(MPIRUN) -n $(NP) $(PY) recipes/v3_pretrain.py $(ARGS)

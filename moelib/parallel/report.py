@@ -27,6 +27,8 @@ from moelib.parallel import launch
 
 FAILED_KEY = "moelib/failed"  # the rank that reports the failure
 LOST_PEER = ("connection closed by peer", "connection reset by peer", "broken pipe")
+# mpirun relays the ranks' output asynchronously; without a pause its abort notice overtakes the report.
+REPORT_DRAIN_S = 1.0
 QUIET_WAIT_S = 10.0  # a quiet rank waits this long for the reporting rank to end the job, then ends it itself
 _seq = 0
 _label = "start-up"
@@ -131,6 +133,8 @@ def _end(text: str | None, code: int) -> None:
     """Print ``text`` (None: stay quiet) and end the job."""
     if text is not None:  # sys.__stderr__: torch's distributed excepthook may point sys.stderr at a buffer
         print(text, file=sys.__stderr__, flush=True)
+        if _several_ranks():
+            time.sleep(REPORT_DRAIN_S)
     elif _several_ranks():
         time.sleep(QUIET_WAIT_S)  # let the reporting rank print before anyone's MPI_Abort kills it
     if _several_ranks():

@@ -46,6 +46,8 @@ def check_save_dir(path: str | os.PathLike, needed: int) -> None:
 def check_output_file(path: str | os.PathLike, flag: str) -> None:
     """A file the run appends to later (``--log-json``) can be opened for appending now."""
     try:
+        if Path(path).parent.exists() and not Path(path).parent.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a"):
             pass

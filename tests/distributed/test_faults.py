@@ -159,7 +159,10 @@ def run_timed(cmd: list[str], timeout: float = 240, env: dict | None = None):
 
 
 def error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("v3_pretrain: rank ") and ": error: " in line]
+    """The recipe's error lines; mpirun's own notices must not come first."""
+    lines = [line for line in err.splitlines() if line.startswith("v3_pretrain: rank ") and ": error: " in line]
+    assert not lines or err.index(lines[0]) < err.find("MPI_ABORT was invoked") or "MPI_ABORT" not in err, err
+    return lines
 
 
 def corpus_copy(tmp_path: Path, name: str) -> Path:

@@ -36,7 +36,7 @@ def test_output_file_and_dir_are_opened_now(tmp_path):
     (tmp_path / "file").write_text("")
     preflight.check_output_file(tmp_path / "logs" / "run.jsonl", "--log-json")
     assert (tmp_path / "logs" / "run.jsonl").read_text() == ""
-    with pytest.raises(ConfigError, match=r"^--log-json .*: cannot open for appending"):
+    with pytest.raises(ConfigError, match=r"^--log-json .*: cannot open for appending \(Not a directory\)$"):
         preflight.check_output_file(tmp_path / "file" / "run.jsonl", "--log-json")
     with pytest.raises(ConfigError, match=r"^--tensorboard-dir .*: cannot write there"):
         preflight.check_output_dir(tmp_path / "file" / "tb", "--tensorboard-dir")
