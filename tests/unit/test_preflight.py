@@ -92,3 +92,22 @@ def test_save_timer_and_single_process_agreement():
     timer.saved()
     assert not SaveTimer(10).due()
     assert agree(True, False) == [True, False]
+
+
+def test_raising_train_iters_on_resume_is_said(capsys):
+    """recipes/v3_pretrain.py::warn_if_reshaped names the old and new --train-iters and the reshaped schedule."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("v3_pretrain", Path(__file__).resolve().parents[2] / "recipes"
+                                                  / "v3_pretrain.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    manifest, main = {"run": {"train": {"train_iters": 300}}}, SimpleNamespace(is_main=True)
+    recipe.warn_if_reshaped(manifest, 300, main)
+    assert capsys.readouterr().err == ""
+    recipe.warn_if_reshaped(manifest, 1000, main)
+    assert capsys.readouterr().err == ("v3_pretrain: warning: --train-iters 1000 differs from the checkpoint's run "
+                                       "(300); the LR and other schedules are reshaped to span 1000 steps from "
+                                       "here on\n")
