@@ -54,8 +54,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except LaunchError as e:
-        print(f"mpirun: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from moelib.parallel.report import run_main
+
+    sys.exit(run_main(main, "mpirun"))
