@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _mpi import REPO, require_mpirun, worker_env
+from _mpi import REPO, require_mpirun, run_mpi, worker_env
 
 from moelib import ModelConfig, TrainConfig
 from moelib.config import ParallelConfig
@@ -304,3 +304,21 @@ def test_signal_to_mpirun_saves_and_resumes_exactly(tmp_path, sig, reference_los
     rc, out, err, _ = run_timed([require_mpirun(), *MPIRUN, "-n", "4", *rank, "--load", str(save)])
     assert rc == 0, err[-3000:]
     assert losses(log_json) == reference_losses
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("mode", ["bug", "error"])
+def test_one_failing_rank_is_reported_with_its_rank(mode):
+    """A bug on rank 1 prints its traceback, each line prefixed with the rank; a moelib error its one
+    sentence. The others, waiting in an all-reduce for rank 1 (120 s timeout), add nothing and the job ends
+    non-zero within seconds."""
+    began = time.monotonic()
+    rc, out, err = run_mpi(3, "failing_rank.py", mode, timeout=100)
+    assert rc not in (0, -9) and time.monotonic() - began < 90, (rc, err)
+    mine = [line for line in err.splitlines() if line.startswith("failing_rank: ")]
+    assert mine and all(line.startswith("failing_rank: rank 1: ") for line in mine), err
+    if mode == "bug":
+        assert mine[0] == "failing_rank: rank 1: Traceback (most recent call last):" and \
+            mine[-1] == "failing_rank: rank 1: IndexError: list index out of range", mine
+    else:
+        assert mine == ["failing_rank: rank 1: error: shard 7 of the corpus is truncated"]
