@@ -62,9 +62,9 @@ def is_timeout(e: BaseException) -> bool:
 def explain_timeout(e: BaseException) -> CollectiveTimeout | None:
     """The timeout ``e`` as one sentence naming the operation that waited and the ranks that did not arrive;
     None when another waiting rank reports it. Ranks that arrived later time out later: each waits until
-    every rank has left a note, or for the timeout (at least 10 s, at most 30 s)."""
+    every rank has left a note, or for the timeout (at least 15 s, at most 30 s)."""
     rank, world = launch.process_rank(), dist.get_world_size()
-    window = min(max(launch.collective_timeout(), 10.0), 30.0)
+    window = min(max(launch.collective_timeout(), 15.0), 30.0)
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     head = f"a collective in {_label!r} timed out after {launch.collective_timeout():g} s ({first})"
     try:
@@ -93,14 +93,22 @@ def _several_ranks() -> bool:
     return (dist.is_initialized() and dist.get_world_size() > 1) or launch.started_by_mpi()
 
 
-def _first_to_say(sentence: str) -> bool:
-    """Claims the report; False when another rank already reported this very sentence."""
+def _claim() -> None:
+    """Record that this rank reports a failure, so ranks whose collectives time out later stay quiet."""
     try:
         store = _store()
-        if store is None:
-            return True
-        store.compare_set(FAILED_KEY, "", str(launch.process_rank()))
-        return store.add(f"moelib/said/{hashlib.sha1(sentence.encode()).hexdigest()}", 1) == 1
+        if store is not None:
+            store.compare_set(FAILED_KEY, "", str(launch.process_rank()))
+    except Exception:  # rank 0's store is gone: the job is ending anyway
+        pass
+
+
+def _first_to_say(sentence: str) -> bool:
+    """Claims the report; False when another rank already reported this very sentence."""
+    _claim()
+    try:
+        store = _store()
+        return store is None or store.add(f"moelib/said/{hashlib.sha1(sentence.encode()).hexdigest()}", 1) == 1
     except Exception:  # no answer from the store: better twice than never
         return True
 
@@ -122,7 +130,7 @@ def run_main(main: Callable[[], int], prog: str) -> int:
             explained = explain_timeout(e)
             _end(f"{prefix}error: {explained}" if explained else None, 1)
         if distributed:
-            _first_to_say(repr(e))
+            _claim()
         lines = traceback.format_exception(type(e), e, e.__traceback__)
         _end("".join(prefix + line for chunk in lines for line in chunk.splitlines(True)).rstrip(), 1)
     launch.shutdown()
