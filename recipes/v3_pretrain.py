@@ -28,15 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moelib import ConfigError, MoelibError  # noqa: E402
 from moelib.config import PIPELINE_SCHEDULES, PRECISION_BACKENDS, PRESETS, RecipeConfig  # noqa: E402
-from moelib.parallel import launch  # noqa: E402
+from moelib.parallel import launch, report  # noqa: E402
 from moelib.parallel.mesh import auto_layout  # noqa: E402
 from moelib.precision import apex  # noqa: E402
 from moelib.precision.telemetry import collect_telemetry  # noqa: E402
-from moelib.train.checkpoint import CheckpointReader, prune_checkpoints, save_checkpoint  # noqa: E402
+from moelib.train import preflight  # noqa: E402
+from moelib.train.checkpoint import CheckpointReader, prune_checkpoints, resolve, save_checkpoint  # noqa: E402
 from moelib.train.checkpoint_model import resolve_model_config  # noqa: E402
 from moelib.train.data import BatchLoader, default_corpus  # noqa: E402
 from moelib.train.evaluate import Evaluation  # noqa: E402
-from moelib.train.faults import SkipGuard, StopRequest  # noqa: E402
+from moelib.train.faults import SaveTimer, SkipGuard, StopRequest, agree  # noqa: E402
 from moelib.train.logger import TrainingLogger  # noqa: E402
 from moelib.train.metrics import measure_matmul_flops, model_flops_per_token  # noqa: E402
 from moelib.train.plot import plot_run  # noqa: E402
@@ -85,7 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-iters", type=int, default=4, help="global batches per evaluation (0: no evaluation)")
     p.add_argument("--eval-only", action="store_true", help="evaluate --load on valid and test, then exit")
     p.add_argument("--save", default="checkpoints/v3_pretrain", help="directory for checkpoints")
-    p.add_argument("--save-interval", type=int, default=0, help="also save every N steps (0: only at the end)")
+    p.add_argument("--save-interval", type=int, default=0, help="also save every N steps (0: off)")
+    p.add_argument("--save-interval-minutes", type=float, default=30.0,
+                   help="also save when this many minutes have passed since the last save (0: off)")
     p.add_argument("--keep-last", type=int, default=3, help="keep this many newest checkpoints")
     p.add_argument("--exit-interval", type=int, default=0,
                    help="save and stop once the step is a multiple of N (the schedules still span --train-iters)")
@@ -99,7 +102,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, help="per-rank peak for MFU (default: a matmul measured at start)")
     p.add_argument("--max-skipped-steps", type=int, default=10,
                    help="stop after this many steps in a row with a non-finite loss or gradient (0: never)")
-    return p.parse_args(argv)
+    p.add_argument("--collective-timeout", type=float,
+                   help=f"seconds a collective waits for the other ranks (default: ${launch.TIMEOUT_ENV}, else 600)")
+    args = p.parse_args(argv)
+    preflight.check_intervals(save_interval=args.save_interval, exit_interval=args.exit_interval,
+                              keep_last=args.keep_last, log_interval=args.log_interval,
+                              save_interval_minutes=args.save_interval_minutes)
+    return args
 
 
 def load_config(args) -> RecipeConfig:
@@ -129,20 +138,26 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     check_eval_flags(args)
-    env = launch.init()
+    env = launch.init(timeout_s=args.collective_timeout)
     say = launch.rank_zero_print
     run = load_config(args)
     model_cfg = resolve_model_config(run.model, args.config, args.load, args.use_checkpoint_args)
     train_cfg, data_cfg = run.train, run.data
+    run_record = {"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg),
+                  "data": dataclasses.asdict(data_cfg)}
     par = run.parallel or auto_layout(env.world_size, model_cfg)
     par.validate(env.world_size, model_cfg)
     if args.global_batch_size:
         par = layout_for_batch(par, args.global_batch_size, train_cfg.micro_batch_size, env.world_size, model_cfg)
+    check_outputs(args, model_cfg, train_cfg, run_record, env)
     if data_cfg.data_path:
         data_prefix, tokenizer_path = data_cfg.data_path, data_cfg.tokenizer
     else:
-        say(f"default corpus: standard-library sources, BPE vocabulary {model_cfg.vocab_size} (cached)")
+        began = time.perf_counter()
         data_prefix, tokenizer_path = default_corpus(model_cfg.vocab_size)
+        built = time.perf_counter() - began
+        say(f"default corpus: standard-library sources, BPE vocabulary {model_cfg.vocab_size} "
+            f"({'cached' if built < 5 else f'built in {built:.0f} s, cached for the next runs'})")
     eod = None
     if tokenizer_path:
         tok = Tokenizer.from_file(tokenizer_path)
@@ -163,8 +178,10 @@ def main(argv=None) -> int:
     schedules = Schedules(schedule_cfg)
     loader = BatchLoader(dataset, global_batch, seed=train_cfg.seed, dp_rank=mesh.dp_rank, dp_size=mesh.dp)
     if args.load:
+        report.mark("--load")
         reader = CheckpointReader(args.load)
         trainer.load_checkpoint(reader)
+        warn_if_reshaped(reader.manifest, train_cfg.train_iters, env)
         if "train" in reader.manifest:  # a training checkpoint: continue its data and schedules too
             loader.load_state_dict(reader.manifest["data"])
             schedules.load_state_dict(reader.manifest["schedule"])
@@ -173,12 +190,14 @@ def main(argv=None) -> int:
             say(f"initialised from the weights of {reader.path} (no training state: fresh optimizer and data)")
 
     def save() -> Path:
+        report.mark(f"checkpoint save at step {trainer.step}")
         tensors, meta = trainer.checkpoint_state()
         path = save_checkpoint(args.save, tensors, model_cfg, trainer.step, tokenizer=tokenizer_path,
                                extra={"train": meta, "data": loader.state_dict(), "schedule": schedules.state_dict(),
-                                      "schedule_config": schedule_cfg.to_dict()})
+                                      "schedule_config": schedule_cfg.to_dict(), "run": run_record})
         if env.is_main:
             prune_checkpoints(args.save, args.keep_last)
+        timer.saved()
         return path
     counts = model_cfg.param_counts()
     model_name = args.config or (f"of {args.load}" if args.load else "tiny")
@@ -210,10 +229,11 @@ def main(argv=None) -> int:
             log.close()
         return 0
     interval = train_cfg.train_iters // 10 if args.eval_interval is None else args.eval_interval
-    stop, guard = StopRequest(), SkipGuard(args.max_skipped_steps)
+    stop, guard, timer = StopRequest(), SkipGuard(args.max_skipped_steps), SaveTimer(args.save_interval_minutes)
     start, first, recent = time.perf_counter(), None, []
     try:
         while trainer.step < train_cfg.train_iters:
+            report.mark(f"train step {trainer.step + 1}")
             v = schedules.step()
             tokens, labels = loader.next_batch(v.batch_size)
             r = trainer.train_step(tokens, labels, lr=v.lr, mtp_weight=v.mtp_weight,
@@ -227,13 +247,16 @@ def main(argv=None) -> int:
                 recent = (recent + [r.lm_loss])[-10:]
             if interval and not r.skipped and r.step % interval == 0:
                 evals.run("valid", consumed_tokens=v.tokens)
-            if stop.agreed():
+            report.mark(f"stop/save agreement after step {trainer.step}")
+            stop_now, save_due = agree(stop.requested, timer.due())
+            if stop_now:
                 log.write(f"{stop.signal_name or 'a stop request'} on some rank: saving at step {trainer.step}")
                 break
             if args.exit_interval and not r.skipped and r.step % args.exit_interval == 0:
                 log.write(f"--exit-interval {args.exit_interval}: saving and stopping at step {trainer.step}")
                 break
-            if args.save_interval and r.step % args.save_interval == 0 and r.step < train_cfg.train_iters:
+            if (save_due or args.save_interval and r.step % args.save_interval == 0) and \
+                    r.step < train_cfg.train_iters:
                 save()
         if trainer.step == train_cfg.train_iters:  # the end of training (not a stop): the last valid and the test
             if not (interval and trainer.step % interval == 0):
@@ -286,6 +309,28 @@ def layout_for_batch(par, global_batch: int, micro_batch_size: int, world_size: 
     return out
 
 
+def check_outputs(args, model_cfg, train_cfg, run_record: dict, env) -> None:
+    """Fail in the first seconds, on every rank, for what would otherwise fail at the first save or log."""
+    preflight.check_device(train_cfg.precision.backend)
+    if not args.eval_only:  # an evaluation writes no checkpoint
+        resumes = bool(args.load) and Path(args.save).resolve() in resolve(args.load).resolve().parents
+        preflight.check_save_owner(args.save, {k: run_record[k] for k in ("model", "train")}, resumes)
+        preflight.check_save_dir(args.save, preflight.checkpoint_bytes(model_cfg, train_cfg))
+    if env.is_main and args.log_json:
+        preflight.check_output_file(args.log_json, "--log-json")
+    if env.is_main and args.tensorboard_dir:
+        preflight.check_output_dir(args.tensorboard_dir, "--tensorboard-dir")
+
+
+def warn_if_reshaped(manifest: dict, train_iters: int, env) -> None:
+    """Raising (or lowering) --train-iters on resume stretches the LR, lambda and gamma schedules: say so."""
+    before = manifest.get("run", {}).get("train", {}).get("train_iters")
+    if env.is_main and before is not None and before != train_iters:
+        print(f"v3_pretrain: warning: --train-iters {train_iters} differs from the checkpoint's run ({before}); "
+              f"the LR and other schedules are reshaped to span {train_iters} steps from here on",
+              file=sys.stderr, flush=True)
+
+
 def check_batch_sizes(cfg, micro_batch_size: int, par, dp: int) -> None:
     """Every global batch the ramp produces must split into whole micro-batches per DP rank, in a number the
     pipeline schedule accepts (ParallelConfig.validate owns that rule); name the flag before any work starts."""
@@ -316,11 +361,4 @@ def telemetry_summary(trainer) -> dict[str, float]:
             "fp8_saturated": sum(c["saturated"] for c in counts) / total}
 
 if __name__ == "__main__":
-    try:
-        code = main()
-    except MoelibError as e:
-        if launch.process_rank() == 0:  # every rank fails alike; one says why
-            print(f"v3_pretrain: error: {e}", file=sys.stderr, flush=True)
-        code = 2
-    launch.shutdown()
-    sys.exit(code)
+    sys.exit(report.run_main(main, "v3_pretrain"))

@@ -2,9 +2,11 @@
 
 ``mpirun -n N python recipes/v3_pretrain.py`` needs no other setup: rank 0 picks a free TCP port, MPI
 broadcasts it with rank 0's address, and every rank joins a torch.distributed group over it (NCCL with
-CUDA, gloo without). Collectives time out after ``timeout`` seconds, so a rank that dies makes the
-others fail with an error instead of waiting forever (mpirun also tears the job down when a rank exits
-non-zero).
+CUDA, gloo without). Collectives time out after ``timeout_s`` seconds (default: $MOELIB_COLLECTIVE_TIMEOUT,
+else 600), so a rank that dies makes the others fail with an error instead of waiting forever (mpirun also
+tears the job down when a rank exits non-zero). The job's key-value store stays reachable through
+``store()``: moelib.parallel.report keeps each rank's progress there to say who a timed-out collective
+waited for.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import datetime
 import os
 import socket
 import sys
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +46,9 @@ class DistEnv:
 
 
 _ENV: DistEnv | None = None
+_STORE: dist.Store | None = None
+_TIMEOUT_S = 600.0
+TIMEOUT_ENV = "MOELIB_COLLECTIVE_TIMEOUT"
 
 
 def started_by_mpi() -> bool:
@@ -82,10 +88,12 @@ def _mpi_rendezvous() -> tuple[int, int, int, str, int]:
 def _abort_on_uncaught_exception() -> None:
     """An uncaught exception on one rank (a collective that timed out, say) aborts the whole MPI job.
     Exiting normally would leave this rank waiting in MPI_Finalize for peers that may never arrive."""
-    previous = sys.excepthook
-
     def hook(kind, value, tb):
-        previous(kind, value, tb)
+        # torch's own hook (installed later, calling this one) points sys.stderr at a buffer it prints only
+        # afterwards, which MPI_Abort would prevent: write to the real stderr.
+        prefix = f"rank {process_rank()}: "
+        text = "".join(traceback.format_exception(kind, value, tb))
+        print("".join(prefix + line for line in text.splitlines(True)), end="", file=sys.__stderr__, flush=True)
         abort(1)
 
     sys.excepthook = hook
@@ -100,11 +108,19 @@ def abort(code: int = 1) -> None:
     os._exit(code)
 
 
-def init(backend: str | None = None, timeout_s: float = 600.0) -> DistEnv:
+def init(backend: str | None = None, timeout_s: float | None = None) -> DistEnv:
     """Join the job this process belongs to (idempotent). Returns rank, size, local rank and device."""
-    global _ENV
+    global _ENV, _STORE, _TIMEOUT_S
     if _ENV is not None:
         return _ENV
+    if timeout_s is None:
+        try:
+            timeout_s = float(os.environ.get(TIMEOUT_ENV, 600))
+        except ValueError:
+            raise LaunchError(f"${TIMEOUT_ENV} must be a number of seconds, got {os.environ[TIMEOUT_ENV]!r}") from None
+    if timeout_s <= 0:
+        raise LaunchError(f"the collective timeout must be positive, got {timeout_s:g} s")
+    _TIMEOUT_S = timeout_s
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun (or a user who set them)
         launcher = "torchrun"
         rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -124,14 +140,18 @@ def init(backend: str | None = None, timeout_s: float = 600.0) -> DistEnv:
     if not dist.is_initialized():
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
         # A one-process group too, so the parallel code never branches on "distributed or not".
-        store = dist.HashStore() if size == 1 else None
-        if store is not None:  # mpirun -n 1 or torchrun with one process: no rendezvous needed
-            init_method = None
+        timeout, where = datetime.timedelta(seconds=timeout_s), init_method
         try:
-            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, store=store,
-                                    timeout=datetime.timedelta(seconds=timeout_s))
+            if size == 1:  # mpirun -n 1 or torchrun with one process: no rendezvous needed
+                _STORE, init_method = dist.HashStore(), None
+            elif launcher == "mpi":  # the store tcp:// would make, kept for moelib.parallel.report
+                host, port = init_method.removeprefix("tcp://").rsplit(":", 1)
+                _STORE = dist.TCPStore(host, int(port), size, is_master=rank == 0, timeout=timeout)
+                init_method = None
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, store=_STORE,
+                                    timeout=timeout)
         except Exception as e:  # rendezvous failures come in many types
-            raise LaunchError(f"rank {rank}: could not join the {size}-process group at {init_method} ({e})") from None
+            raise LaunchError(f"rank {rank}: could not join the {size}-process group at {where} ({e})") from None
     _ENV = DistEnv(rank, size, local_rank, device, launcher)
     # Tear the group down before the interpreter does: its communication threads must not outlive it.
     atexit.register(shutdown)
@@ -139,10 +159,20 @@ def init(backend: str | None = None, timeout_s: float = 600.0) -> DistEnv:
 
 
 def shutdown() -> None:
-    global _ENV
+    global _ENV, _STORE
     if dist.is_initialized():
         dist.destroy_process_group()
-    _ENV = None
+    _ENV, _STORE = None, None
+
+
+def store() -> dist.Store | None:
+    """The job's key-value store (None before init, or when torchrun owns it)."""
+    return _STORE
+
+
+def collective_timeout() -> float:
+    """Seconds a collective waits for the other ranks."""
+    return _TIMEOUT_S
 
 
 def process_rank() -> int:

@@ -1,13 +1,18 @@
-"""What rank 0 shows and writes every N steps: a progress bar with ETA, one text line, JSON lines and
-TensorBoard scalars, with the same metrics in each."""
+"""What rank 0 shows and writes every N steps: a progress bar with ETA (on a terminal, also one behind
+mpirun when moelib.parallel.mpirun says so; else the text line carries step/total and the ETA), one text
+line, JSON lines and TensorBoard scalars, with the same metrics in each."""
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import sys
+import time
 from typing import Any
 
 from moelib.errors import ConfigError
+from moelib.parallel.mpirun import TERMINAL_ENV
 
 
 class TrainingLogger:
@@ -23,8 +28,8 @@ class TrainingLogger:
             except ImportError:
                 raise ConfigError("--tensorboard-dir needs the tensorboard package (pip install tensorboard)") from None
             self.tb = SummaryWriter(tensorboard_dir)
-        self.bar = None
-        if enabled and sys.stderr.isatty():
+        self.bar, self.total, self.start_step, self.began = None, total_steps, start_step, time.monotonic()
+        if enabled and (sys.stderr.isatty() or os.environ.get(TERMINAL_ENV) == "1"):
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -57,6 +62,8 @@ class TrainingLogger:
             line = f"step {r.step + 1:6d} | SKIPPED: non-finite loss {r.loss} or gradient norm {r.grad_norm}"
         for key in sorted(extra or {}):
             line += f" | {key} {extra[key]:.3g}"
+        if self.bar is None:  # no bar (a file, a pipe): the line says how far along the run is
+            line += f" | {r.step}/{self.total} ETA {self.eta(r.step)}"
         self.write(line)
         m.update(quiet or {})
         if self.json:
@@ -66,6 +73,12 @@ class TrainingLogger:
             for key, value in m.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self.tb.add_scalar(f"train/{key}", value, r.step)
+
+    def eta(self, step: int) -> str:
+        """Time left at this run's pace so far, as h:mm:ss."""
+        done = step - self.start_step
+        left = (self.total - step) * (time.monotonic() - self.began) / done if done > 0 else 0.0
+        return str(datetime.timedelta(seconds=round(left)))
 
     def write(self, line: str) -> None:
         if not self.enabled:

@@ -14,6 +14,8 @@ import json
 import pytest
 from _mpi import run_mpi
 
+pytestmark = pytest.mark.dist  # every test here reads results of mpirun jobs
+
 TOL = 1e-5  # fp32; the EP path only reorders sums
 ERROR_KEYS = ("out", "x_grad", "load_counts")
 

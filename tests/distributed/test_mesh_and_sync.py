@@ -90,6 +90,7 @@ def test_group_ranks_partition_the_world():
 # -- group membership under mpirun ------------------------------------------------------------------------
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("world, layouts", [(8, None), (16, "4:2")])
 def test_every_group_has_exactly_its_members(world, layouts):
     """World 8: every valid PP × EP layout; world 16: PP 4 × EP 2 and the auto layout (PP 2 DualPipe, EP 8)."""
@@ -117,6 +118,7 @@ def parity():
     return train, zero
 
 
+@pytest.mark.dist
 def test_reduced_gradients_losses_and_norms_match_single_process(parity):
     """Dense grads averaged over DP, expert grads summed over EDP / DP, DualPipe mirrors summed: the
     first step's gradients, every step's loss and the global (pre-clip) gradient norm agree."""
@@ -127,6 +129,7 @@ def test_reduced_gradients_losses_and_norms_match_single_process(parity):
         assert r["clipped"] >= 1, "the clip threshold must bite for the norm to be tested"
 
 
+@pytest.mark.dist
 def test_parameters_match_single_process_after_steps(parity):
     """After 3 clipped AdamW steps. Per tensor, ||a - b|| / ||b|| <= 2e-5; the largest single difference
     is looser because AdamW amplifies rounding where a gradient element is ~eps: one process summing the
@@ -138,6 +141,7 @@ def test_parameters_match_single_process_after_steps(parity):
         assert r["param_err"] <= 2e-4, (layout, r)
 
 
+@pytest.mark.dist
 def test_router_biases_identical_on_every_rank(parity):
     for layout, r in parity[0].items():
         assert r["bias_spread"] == 0.0, (layout, r)
@@ -145,6 +149,7 @@ def test_router_biases_identical_on_every_rank(parity):
         assert r["bias_moved"] > 0, "biases must actually move for this to test anything"
 
 
+@pytest.mark.dist
 def test_zero1_equals_adamw_and_shards_memory(parity):
     """On identical gradients ZeRO-1 matches torch.optim.AdamW (also after resuming from a state_dict
     written at another layout), and each rank holds ~1/DP of the optimizer state."""
@@ -156,6 +161,7 @@ def test_zero1_equals_adamw_and_shards_memory(parity):
         assert 1.0 <= r["mem_x_dp"] <= 1.01, (layout, r)
 
 
+@pytest.mark.dist
 def test_zero1_with_bf16_moments_equals_single_process():
     """2 ranks, DP 2 (dense and expert moments each split 2 ways), resumed at EP 2 from the bf16 state
     dict: ZeRO-1 with bf16 moments equals moelib's single-process AdamW with bf16 moments (one update
@@ -170,6 +176,7 @@ def test_zero1_with_bf16_moments_equals_single_process():
 # -- failures at start-up and mid-run ---------------------------------------------------------------------
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("world, args, phrase", [
     (3, ("2", "1", "1f1b"), "world size 3 is not divisible by pipeline size 2"),
     (3, ("1", "3", "1f1b"), "expert-parallel size 3 does not divide n_routed_experts 16"),
@@ -195,6 +202,7 @@ def test_missing_mpi_runtime_is_one_sentence(tmp_path):
     assert err.strip().splitlines() == [err.strip()] and "mpi4py cannot load the MPI runtime" in err, err
 
 
+@pytest.mark.dist
 def test_dead_rank_ends_the_job():
     start = time.monotonic()
     rc, out, err = run_mpi(3, "rank_death.py", "die", "5", timeout=60)
@@ -203,6 +211,7 @@ def test_dead_rank_ends_the_job():
     assert "finished without noticing" not in out
 
 
+@pytest.mark.dist
 def test_silent_rank_times_out():
     """A rank that stops answering: the others' collectives fail after init(timeout_s=2)."""
     rc, out, err = run_mpi(3, "rank_death.py", "stall", "2", timeout=60)

@@ -236,6 +236,7 @@ def test_training_continues_from_an_imported_checkpoint(trained, exported, tmp_p
     assert not torch.equal(model.state_dict()[bias], reader.get(bias))  # the router bias trains on
 
 
+@pytest.mark.slow
 def test_cli_streams_into_several_shards(trained, tmp_path):
     _, _, state, root, *_ = trained
     out = tmp_path / "hf"

@@ -51,6 +51,7 @@ def test_high_precision_modules_stay_out_of_fp8():
     assert isinstance(model.layers["0"].self_attn, MLA)
 
 
+@pytest.mark.slow
 def test_fp8_emulated_training_steps_with_telemetry():
     cfg = ModelConfig.from_preset("tiny", num_hidden_layers=2)
     tc = TrainConfig(micro_batch_size=2, seq_length=32, train_iters=3, lr_warmup_iters=1,

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_dry_run_writes_nothing(tmp_path):
     out = tmp_path / "all.json"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "all", "--dry-run", "--out", str(out)],

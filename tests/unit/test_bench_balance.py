@@ -32,6 +32,7 @@ def without_times(result: dict) -> dict:
     return {name: {k: v for k, v in r.items() if k != "seconds"} for name, r in result["runs"].items()}
 
 
+@pytest.mark.slow
 def test_parallel_variants_equal_sequential(tmp_path, one_thread):
     one = balance.run(args_for(tmp_path / "one.json"))
     two = balance.run(args_for(tmp_path / "two.json", "--jobs", "2"))
@@ -41,6 +42,7 @@ def test_parallel_variants_equal_sequential(tmp_path, one_thread):
     assert not list(tmp_path.glob("*.partial.json"))  # finished runs leave only their result
 
 
+@pytest.mark.slow
 def test_stopped_run_keeps_finished_variants(tmp_path, monkeypatch):
     train = balance.train
 
@@ -69,6 +71,7 @@ def test_counts_below_their_minimum_are_refused(tmp_path, capsys, option, value,
 
 
 @pytest.mark.parametrize("concentration", [None, 30.0])  # multinomial batches; overdispersed ones (topics)
+@pytest.mark.slow
 def test_sampling_floor_matches_the_maxvio_of_balanced_sampling(concentration):
     """The floor estimated from one set of batches is the MaxVio_global that pooling such batches of a
     balanced router gives on average (simulated here), including when batches vary more than a multinomial."""

@@ -24,6 +24,7 @@ def args_for(out: Path, seeds: list[int], *extra: str) -> argparse.Namespace:
     return args
 
 
+@pytest.mark.slow
 def test_stopped_run_keeps_finished_seeds(tmp_path, monkeypatch):
     train_pair = fp8_vs_bf16.train_pair
 
@@ -41,11 +42,13 @@ def test_stopped_run_keeps_finished_seeds(tmp_path, monkeypatch):
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.slow
 def test_finished_run_removes_partial(tmp_path):
     result = fp8_vs_bf16.run(args_for(tmp_path / "r.json", [1]))
     assert set(result["final_loss"]) == {"1"} and not (tmp_path / "r.partial.json").exists()
 
 
+@pytest.mark.slow
 def test_parallel_seeds_equal_sequential(tmp_path, one_thread):
     one = fp8_vs_bf16.run(args_for(tmp_path / "one.json", [3, 1, 2]))
     two = fp8_vs_bf16.run(args_for(tmp_path / "two.json", [3, 1, 2], "--jobs", "2"))

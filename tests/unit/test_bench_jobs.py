@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = """
@@ -34,6 +36,7 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")  # a zombie has exited; only its parent's reaping is left
 
 
+@pytest.mark.slow
 def test_workers_exit_when_the_benchmark_is_killed(tmp_path):
     script = tmp_path / "bench.py"
     script.write_text(SCRIPT.format(tools=str(ROOT / "tools"), out=str(tmp_path)))

@@ -21,6 +21,7 @@ def bench(*argv: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_kernels_smoke_checks_every_kernel(tmp_path):
     pytest.importorskip("triton")
     out = tmp_path / "kernels.json"
@@ -37,6 +38,7 @@ def test_kernels_smoke_checks_every_kernel(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a CUDA GPU")
+@pytest.mark.slow
 def test_kernels_refuses_without_gpu(tmp_path):
     proc = bench("--out", str(tmp_path / "k.json"))
     assert proc.returncode == 1

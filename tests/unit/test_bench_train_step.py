@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_profile_lists_the_top_operators(tmp_path):
     out = tmp_path / "ts.json"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "train-step", "--preset", "tiny",
@@ -25,6 +28,7 @@ def test_profile_lists_the_top_operators(tmp_path):
     assert "top operators by self CPU time" in proc.stdout
 
 
+@pytest.mark.slow
 def test_vs_hf_reports_the_ratio_of_each_step_pair(tmp_path):
     out = tmp_path / "ts.json"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "train-step", "--vs-hf", "--preset",

@@ -247,6 +247,7 @@ def test_default_corpus_builds_once_and_packs(tmp_path):
     assert tok.decode(IndexedDataset(prefix).document(0)) == first_source + tok.eod_token
 
 
+@pytest.mark.slow
 def test_default_corpus_concurrent_builds_agree(tmp_path):
     code = ("import sys; from moelib.train.data import default_corpus; "
             "print(default_corpus(vocab_size=280, max_bytes=100_000, cache_dir=sys.argv[1])[0])")

@@ -99,6 +99,7 @@ assert (gemm.fp8_gemm(*got, *w, torch.float32) - fp8.fp8_gemm(*want, *w, torch.f
 """
 
 
+@pytest.mark.slow
 def test_interpreter_works_when_triton_was_imported_first():
     if torch.cuda.is_available():
         pytest.skip("only the CPU interpreter depends on import order")
