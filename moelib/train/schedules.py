@@ -26,7 +26,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from moelib.config import TrainConfig, _from_dict, _positive, _require
+from moelib.config import TrainConfig
+from moelib.config.fields import _from_dict, _positive, _require
 from moelib.errors import ConfigError
 
 
