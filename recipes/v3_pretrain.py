@@ -10,8 +10,9 @@ With no --data-path it trains on the embedded default corpus: this interpreter's
 sources, tokenised with a byte-level BPE trained locally on first use; 5 % of its files are held out for
 validation and 5 % for the test (--split). The valid part is evaluated every --eval-interval steps, the test
 part at the end; the log (--log-json, default log.jsonl in --save) is plotted to training.png beside the
-checkpoints (tools/plot_run.py does it for any log). Without layout flags the layout comes from
-moelib.parallel.mesh.auto_layout for the world size.
+checkpoints (tools/plot_run.py does it for any log). A run that reaches --train-iters ends with the final
+checkpoint's greedy continuation of a prompt from the valid part (--sample-tokens). Without layout flags the
+layout comes from moelib.parallel.mesh.auto_layout for the world size.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moelib import ConfigError, MoelibError  # noqa: E402
 from moelib.config import PIPELINE_SCHEDULES, PRECISION_BACKENDS, PRESETS, RecipeConfig  # noqa: E402
+from moelib.inference.sample import sample_line  # noqa: E402
 from moelib.parallel import launch, report  # noqa: E402
 from moelib.parallel.mesh import auto_layout  # noqa: E402
 from moelib.precision import apex  # noqa: E402
@@ -102,12 +104,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, help="per-rank peak for MFU (default: a matmul measured at start)")
     p.add_argument("--max-skipped-steps", type=int, default=10,
                    help="stop after this many steps in a row with a non-finite loss or gradient (0: never)")
+    p.add_argument("--sample-tokens", type=int, default=64,
+                   help="at the end of training, rank 0 prints this many greedy tokens of the final checkpoint "
+                        "after a prompt from the valid part, decoded (0: off; not after a stop or without a "
+                        "valid part or tokenizer)")
     p.add_argument("--collective-timeout", type=float,
                    help=f"seconds a collective waits for the other ranks (default: ${launch.TIMEOUT_ENV}, else 600)")
     args = p.parse_args(argv)
     preflight.check_intervals(save_interval=args.save_interval, exit_interval=args.exit_interval,
                               keep_last=args.keep_last, log_interval=args.log_interval,
-                              save_interval_minutes=args.save_interval_minutes)
+                              save_interval_minutes=args.save_interval_minutes, sample_tokens=args.sample_tokens)
     return args
 
 
@@ -158,7 +164,7 @@ def main(argv=None) -> int:
         built = time.perf_counter() - began
         say(f"default corpus: standard-library sources, BPE vocabulary {model_cfg.vocab_size} "
             f"({'cached' if built < 5 else f'built in {built:.0f} s, cached for the next runs'})")
-    eod = None
+    eod, tok = None, None
     if tokenizer_path:
         tok = Tokenizer.from_file(tokenizer_path)
         if tok.vocab_size > model_cfg.vocab_size:
@@ -230,7 +236,7 @@ def main(argv=None) -> int:
         return 0
     interval = train_cfg.train_iters // 10 if args.eval_interval is None else args.eval_interval
     stop, guard, timer = StopRequest(), SkipGuard(args.max_skipped_steps), SaveTimer(args.save_interval_minutes)
-    start, first, recent = time.perf_counter(), None, []
+    start, first, recent, stopped = time.perf_counter(), None, [], False
     try:
         while trainer.step < train_cfg.train_iters:
             report.mark(f"train step {trainer.step + 1}")
@@ -251,9 +257,11 @@ def main(argv=None) -> int:
             stop_now, save_due = agree(stop.requested, timer.due())
             if stop_now:
                 log.write(f"{stop.signal_name or 'a stop request'} on some rank: saving at step {trainer.step}")
+                stopped = True
                 break
             if args.exit_interval and not r.skipped and r.step % args.exit_interval == 0:
                 log.write(f"--exit-interval {args.exit_interval}: saving and stopping at step {trainer.step}")
+                stopped = True
                 break
             if (save_due or args.save_interval and r.step % args.save_interval == 0) and \
                     r.step < train_cfg.train_iters:
@@ -278,6 +286,9 @@ def main(argv=None) -> int:
             say(f"plot: {plot_run(json_path, Path(args.save) / 'training.png')}")
         except MoelibError as e:
             say(f"no plot: {e}")
+    # Rank 0 alone, after the last collective (the save): the other ranks finish meanwhile.
+    if env.is_main and args.sample_tokens and not stopped and parts["valid"] is not None and tok is not None:
+        say(sample_line(path, parts["valid"], tok, args.sample_tokens))
     return 0
 
 
@@ -312,6 +323,7 @@ def layout_for_batch(par, global_batch: int, micro_batch_size: int, world_size: 
 def check_outputs(args, model_cfg, train_cfg, run_record: dict, env) -> None:
     """Fail in the first seconds, on every rank, for what would otherwise fail at the first save or log."""
     preflight.check_device(train_cfg.precision.backend)
+    check_sample_tokens(args.sample_tokens, model_cfg)
     if not args.eval_only:  # an evaluation writes no checkpoint
         resumes = bool(args.load) and Path(args.save).resolve() in resolve(args.load).resolve().parents
         preflight.check_save_owner(args.save, {k: run_record[k] for k in ("model", "train")}, resumes)
@@ -320,6 +332,13 @@ def check_outputs(args, model_cfg, train_cfg, run_record: dict, env) -> None:
         preflight.check_output_file(args.log_json, "--log-json")
     if env.is_main and args.tensorboard_dir:
         preflight.check_output_dir(args.tensorboard_dir, "--tensorboard-dir")
+
+
+def check_sample_tokens(sample_tokens: int, model_cfg) -> None:
+    """The end-of-run sample needs room for at least one prompt token in the model's positions."""
+    if sample_tokens >= model_cfg.max_position_embeddings:
+        raise MoelibError(f"--sample-tokens {sample_tokens} leaves no room for a prompt in the model's "
+                          f"max_position_embeddings {model_cfg.max_position_embeddings}")
 
 
 def warn_if_reshaped(manifest: dict, train_iters: int, env) -> None:

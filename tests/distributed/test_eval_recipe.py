@@ -97,3 +97,45 @@ def test_bad_evaluation_and_batch_flags_fail_with_one_line_on_rank_0(flags, mess
     lines = [line for line in err.splitlines() if "v3_pretrain: error:" in line]
     assert len(lines) == 1 and message in lines[0], err[-2000:]
     assert "Traceback" not in err and "step " not in err
+
+
+TINY2 = "model: {preset: tiny, num_hidden_layers: 2}\n"
+
+
+@pytest.mark.dist
+def test_a_finished_run_ends_with_a_greedy_sample_of_a_held_out_prompt(tmp_path):
+    """The sample line is the saved checkpoint's own greedy continuation (moelib.generate) of the valid part's
+    first 32 tokens; --sample-tokens 0 and a stopped run print none."""
+    import torch
+
+    import moelib
+    from moelib.inference.sample import HEADER
+    from moelib.train.data import default_corpus
+    from moelib.train.splits import DEFAULT_CORPUS_SPLIT, build_splits
+    from moelib.train.tokenizer import Tokenizer
+
+    rc, out, err = recipe(1, "--sample-tokens", "-1", "--save", str(tmp_path / "bad"), ok=False)
+    assert rc == 2 and err.strip() == "v3_pretrain: error: --sample-tokens must be 0 (off) or positive, got -1", err
+    assert "Traceback" not in err and "step " not in out
+    (tmp_path / "tiny2.yaml").write_text(TINY2)
+    common = ["--config", str(tmp_path / "tiny2.yaml"), "--micro-batch-size", "2", "--train-iters", "2",
+              "--eval-iters", "1", "--peak-tflops", "1"]
+    _, out, _ = recipe(1, *common, "--save", str(tmp_path / "a"), "--sample-tokens", "8")
+    lines = [line for line in out.splitlines() if line.startswith(HEADER)]
+    assert len(lines) == 1, out
+    prefix, tokenizer_path = default_corpus(4096)
+    tok = Tokenizer.from_file(tokenizer_path)
+    valid = build_splits(prefix, 32, eod_id=tok.eod, vocab_size=4096, split=None,
+                         default_split=DEFAULT_CORPUS_SPLIT)["valid"]
+    prompt = [int(t) for t in valid[0][:32]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the recipe's rank (OMP_NUM_THREADS=1): the same fp32 sums
+    try:
+        new = moelib.generate(moelib.load_model(tmp_path / "a"), [prompt], 8).tokens[0, 32:].tolist()
+    finally:
+        torch.set_num_threads(threads)
+    assert len(new) == 8
+    assert lines[0] == f"{HEADER}{tok.decode(prompt)!r} | {tok.decode(new)!r}"
+    for name, flags in (("off", ["--sample-tokens", "0"]), ("stopped", ["--exit-interval", "1"])):
+        _, out, _ = recipe(1, *common, "--save", str(tmp_path / name), *flags)
+        assert "checkpoint:" in out and HEADER not in out, out

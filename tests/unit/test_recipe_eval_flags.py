@@ -64,3 +64,14 @@ def test_global_batch_that_does_not_divide_or_fit_the_pipeline_is_one_sentence(r
     with pytest.raises(MoelibError, match=r"^--global-batch-size 4 gives 2 micro-batches per data-parallel rank, "
                                           r"which the pipeline rejects: .*"):
         recipe.layout_for_batch(dual, 4, 1, 4, tiny)
+
+
+def test_sample_tokens_is_never_negative_and_leaves_room_for_a_prompt(recipe):
+    with pytest.raises(MoelibError, match=r"^--sample-tokens must be 0 \(off\) or positive, got -1$"):
+        recipe.parse_args(["--sample-tokens", "-1"])
+    assert recipe.parse_args([]).sample_tokens == 64 and recipe.parse_args(["--sample-tokens", "0"]).sample_tokens == 0
+    tiny = ModelConfig.from_preset("tiny")  # max_position_embeddings 1024
+    recipe.check_sample_tokens(1023, tiny)
+    with pytest.raises(MoelibError, match=r"^--sample-tokens 1024 leaves no room for a prompt in the model's "
+                                          r"max_position_embeddings 1024$"):
+        recipe.check_sample_tokens(1024, tiny)
