@@ -108,7 +108,9 @@ def _first_to_say(sentence: str) -> bool:
     _claim()
     try:
         store = _store()
-        return store is None or store.add(f"moelib/said/{hashlib.sha1(sentence.encode()).hexdigest()}", 1) == 1
+        if store is None:  # before the process group exists only the flags were read: every rank fails alike
+            return launch.process_rank() == 0
+        return store.add(f"moelib/said/{hashlib.sha1(sentence.encode()).hexdigest()}", 1) == 1
     except Exception:  # no answer from the store: better twice than never
         return True
 

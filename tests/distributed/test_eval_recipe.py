@@ -3,6 +3,7 @@
 and bad evaluation flags fail early with one sentence."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -94,7 +95,7 @@ def test_global_batch_size_trains_the_same_batches_on_one_and_two_ranks(tmp_path
 def test_bad_evaluation_and_batch_flags_fail_with_one_line_on_rank_0(flags, message):
     rc, _, err = recipe(2, "--train-iters", "1", *flags, ok=False)
     assert rc == 2
-    lines = [line for line in err.splitlines() if "v3_pretrain: error:" in line]
+    lines = [line for line in err.splitlines() if re.match(r"v3_pretrain: (rank \d+: )?error:", line)]
     assert len(lines) == 1 and message in lines[0], err[-2000:]
     assert "Traceback" not in err and "step " not in err
 
