@@ -187,6 +187,7 @@ def main(argv=None) -> int:
         report.mark("--load")
         reader = CheckpointReader(args.load)
         trainer.load_checkpoint(reader)
+        agree(False)  # every rank has loaded before any says so (a rank that failed ends the job instead)
         warn_if_reshaped(reader.manifest, train_cfg.train_iters, env)
         if "train" in reader.manifest:  # a training checkpoint: continue its data and schedules too
             loader.load_state_dict(reader.manifest["data"])

@@ -67,7 +67,7 @@ def test_sixteen_ranks_default_layout(tmp_path):
     (["--data-path", "/nonexistent/corpus"], "Indexed dataset file /nonexistent/corpus.idx does not exist"),
     (["--data-path", "/nonexistent/corpus", "--tokenizer", "/nonexistent/tok.json"],
      "Tokenizer file /nonexistent/tok.json does not exist"),
-    (["--lr", "-1"], "TrainConfig.lr: must be positive"),
+    (["--lr", "-1"], "TrainConfig.lr: must be a positive number"),
     (["--pipeline-model-parallel-size", "2", "--micro-batch-size", "2", "--rampup-batch-size", "6", "2", "10"],
      "--rampup-batch-size INCREMENT 2 must be a multiple of 4 (micro-batch size 2 x data-parallel size 2)"),
     (["--pipeline-model-parallel-size", "2", "--micro-batch-size", "1", "--rampup-batch-size", "4", "4", "10"],
