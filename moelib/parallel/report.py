@@ -29,7 +29,9 @@ FAILED_KEY = "moelib/failed"  # the rank that reports the failure
 LOST_PEER = ("connection closed by peer", "connection reset by peer", "broken pipe")
 # mpirun relays the ranks' output asynchronously; without a pause its abort notice overtakes the report.
 REPORT_DRAIN_S = 1.0
-QUIET_WAIT_S = 10.0  # a quiet rank waits this long for the reporting rank to end the job, then ends it itself
+# A quiet rank waits this long for the reporting rank to end the job, then ends it itself: longer than a
+# timeout report may take (its window, at most 30 s, and the drain), or it would cut that report off.
+QUIET_WAIT_S = 35.0
 _seq = 0
 _label = "start-up"
 
@@ -89,6 +91,16 @@ def explain_timeout(e: BaseException) -> CollectiveTimeout | None:
         f"rank {r} last reached {label!r}" for r, label in where.items()) + ")")
 
 
+def _note_waiting() -> None:
+    """Leave this rank's note for a timeout report (see explain_timeout), if the store still answers."""
+    try:
+        store = _store()
+        if store is not None:
+            store.set(f"moelib/waited/{launch.process_rank()}", _label)
+    except Exception:  # rank 0's store is gone: the job is ending anyway
+        pass
+
+
 def _several_ranks() -> bool:
     return (dist.is_initialized() and dist.get_world_size() > 1) or launch.started_by_mpi()
 
@@ -127,6 +139,7 @@ def run_main(main: Callable[[], int], prog: str) -> int:
     except Exception as e:
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         if distributed and any(words in str(e).lower() for words in LOST_PEER):
+            _note_waiting()  # it reached the collective: a timeout report must not wait for it, nor name it
             _end(None, 1)
         if distributed and is_timeout(e):
             explained = explain_timeout(e)
