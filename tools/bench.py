@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import benchmarks  # noqa: E402
-from moelib import MoelibError  # noqa: E402
+from moelib.parallel.report import run_main  # noqa: E402
 
 
 def machine() -> dict:
@@ -62,8 +62,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MoelibError as e:
-        print(f"bench: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(run_main(main, "bench"))

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moelib.convert import DEFAULT_SEED, EXPORT_DTYPES, export_hf, import_hf, parse_size  # noqa: E402
-from moelib.errors import MoelibError  # noqa: E402
+from moelib.parallel.report import run_main  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,8 +68,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MoelibError as err:
-        print(f"convert_ckpt: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(run_main(main, "convert_ckpt"))

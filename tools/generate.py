@@ -28,7 +28,8 @@ from moelib.errors import ConfigError, DataError, MoelibError  # noqa: E402
 from moelib.inference.generate import generate  # noqa: E402
 from moelib.inference.load import DTYPES, cast_weights, check_dtype  # noqa: E402
 from moelib.inference.sampling import Sampler  # noqa: E402
-from moelib.parallel.launch import process_rank, started_by_mpi  # noqa: E402
+from moelib.parallel.launch import started_by_mpi  # noqa: E402
+from moelib.parallel.report import run_main  # noqa: E402
 from moelib.train.checkpoint import resolve  # noqa: E402
 from moelib.train.tokenizer import Tokenizer  # noqa: E402
 
@@ -137,9 +138,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MoelibError as err:
-        if process_rank() == 0:
-            print(f"generate: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(run_main(main, "generate"))

@@ -26,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moelib.config import ModelConfig, RecipeConfig  # noqa: E402
-from moelib.errors import ConfigError, MoelibError  # noqa: E402
+from moelib.errors import ConfigError  # noqa: E402
+from moelib.parallel.report import run_main  # noqa: E402
 from moelib.plan.hardware import PRESETS, efficiency_from_kernels, hardware  # noqa: E402
 from moelib.plan.memory import ROWS  # noqa: E402
 from moelib.plan.planner import (  # noqa: E402
@@ -191,8 +192,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MoelibError as err:
-        print(f"plan: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(run_main(main, "plan"))

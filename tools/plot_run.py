@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moelib.errors import MoelibError  # noqa: E402
+from moelib.parallel.report import run_main  # noqa: E402
 from moelib.train.plot import plot_run  # noqa: E402
 
 
@@ -28,8 +28,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MoelibError as e:
-        print(f"plot_run: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main, "plot_run"))

@@ -22,7 +22,8 @@ from collections.abc import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from moelib.errors import DataError, MoelibError
+from moelib.errors import DataError
+from moelib.parallel.report import run_main
 from moelib.train.indexed_dataset import IndexedDatasetBuilder, token_dtype
 from moelib.train.tokenizer import Tokenizer
 
@@ -141,22 +142,10 @@ def run(args: argparse.Namespace) -> dict[str, int]:
     return stats
 
 
-def run_reporting(prog: str, work, args: argparse.Namespace) -> int:
-    """The exit status of ``work(args)``: 0, or 1 after printing a moelib or OS error as one line."""
-    try:
-        work(args)
-    except MoelibError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # unreadable input, full disk: still one line, no traceback
-        print(f"{prog}: error: {e.filename or ''}: {e.strerror}.", file=sys.stderr)
-        return 1
+def main(argv: list[str] | None = None) -> int:
+    run(parse_args(argv))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_reporting("preprocess_data", run, parse_args(argv))
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "preprocess_data"))

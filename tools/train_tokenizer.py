@@ -22,9 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from preprocess_data import read_documents, run_reporting  # noqa: E402
+from preprocess_data import read_documents  # noqa: E402
 
 from moelib.errors import DataError  # noqa: E402
+from moelib.parallel.report import run_main  # noqa: E402
 from moelib.train.tokenizer import EOD_TOKEN, train_bpe, write_hf_tokenizer  # noqa: E402
 
 
@@ -64,8 +65,9 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_reporting("train_tokenizer", run, parse_args(argv))
+    run(parse_args(argv))
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "train_tokenizer"))

@@ -1,7 +1,8 @@
 """What a failing rank tells the user under mpirun, before the job is torn down.
 
-A CLI's ``main`` runs through ``run_main``: a moelib error prints ``prog: rank N: error: <one sentence>``, a
-bug its traceback (each line prefixed with the rank), on the real stderr; then the whole job ends at once
+Every CLI's ``main`` runs through ``run_main``: a moelib error (or a file the OS refused) prints
+``prog: rank N: error: <one sentence>`` and exits 2 (the user must change a flag, file or input), a bug its
+traceback (each line prefixed with the rank) and exits 1, on the real stderr; one process says ``prog: error:``; then the whole job ends at once
 (MPI_Abort), because the other ranks may be waiting in a collective for this one. Ranks that fail with the
 same sentence print it once, and a rank whose connection broke because another rank ended first stays
 quiet: that rank's report (or mpirun's notice of a crash) says why.
@@ -136,20 +137,31 @@ def run_main(main: Callable[[], int], prog: str) -> int:
         raise
     except MoelibError as e:
         _end(f"{prefix}error: {e}" if _first_to_say(str(e)) else None, 2)
+    except OSError as e:
+        if e.filename is None:  # a socket or pipe, not the user's file
+            _report_bug(e, prefix)
+        message = f"{e.filename}: {e.strerror or e}"  # unreadable input, unwritable output, full disk
+        _end(f"{prefix}error: {message}" if _first_to_say(message) else None, 2)
     except Exception as e:
-        distributed = dist.is_initialized() and dist.get_world_size() > 1
-        if distributed and any(words in str(e).lower() for words in LOST_PEER):
-            _note_waiting()  # it reached the collective: a timeout report must not wait for it, nor name it
-            _end(None, 1)
-        if distributed and is_timeout(e):
-            explained = explain_timeout(e)
-            _end(f"{prefix}error: {explained}" if explained else None, 1)
-        if distributed:
-            _claim()
-        lines = traceback.format_exception(type(e), e, e.__traceback__)
-        _end("".join(prefix + line for chunk in lines for line in chunk.splitlines(True)).rstrip(), 1)
+        _report_bug(e, prefix)
     launch.shutdown()
     return code
+
+
+def _report_bug(e: Exception, prefix: str) -> None:
+    """End the job after an unexpected error: quietly if a peer went away, explained if a collective timed
+    out, else with the traceback."""
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    if distributed and any(words in str(e).lower() for words in LOST_PEER):
+        _note_waiting()  # it reached the collective: a timeout report must not wait for it, nor name it
+        _end(None, 1)
+    if distributed and is_timeout(e):
+        explained = explain_timeout(e)
+        _end(f"{prefix}error: {explained}" if explained else None, 1)
+    if distributed:
+        _claim()
+    lines = traceback.format_exception(type(e), e, e.__traceback__)
+    _end("".join(prefix + line for chunk in lines for line in chunk.splitlines(True)).rstrip(), 1)
 
 
 def _end(text: str | None, code: int) -> None:

@@ -257,5 +257,5 @@ def test_cli_streams_into_several_shards(trained, tmp_path):
         assert len(sizes) == 1 or p.stat().st_size <= 1_000_000 + 65536
     assert len(read_hf(out)) == len(state) + 2  # + the MTP copies of embedding and head
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    assert again.returncode == 1 and again.stderr.startswith("convert_ckpt: error: ") and str(out) in again.stderr
+    assert again.returncode == 2 and again.stderr.startswith("convert_ckpt: error: ") and str(out) in again.stderr
     assert "Traceback" not in again.stderr

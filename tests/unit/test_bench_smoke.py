@@ -41,6 +41,6 @@ def test_kernels_smoke_checks_every_kernel(tmp_path):
 @pytest.mark.slow
 def test_kernels_refuses_without_gpu(tmp_path):
     proc = bench("--out", str(tmp_path / "k.json"))
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "no CUDA GPU" in proc.stderr and "--smoke" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "k.json").exists()

@@ -111,7 +111,7 @@ def test_convert_ckpt_cli_exits_non_zero_with_one_line(checkpoints, tmp_path):
     cmd = [sys.executable, str(REPO / "tools" / "convert_ckpt.py"), "export", "--load", str(bad), "--save",
            str(tmp_path / "hf"), "--no-progress"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1
+    assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and f"tensor {name} is corrupt" in lines[0] and ".safetensors" in lines[0], done.stderr
     assert not (tmp_path / "hf").exists()

@@ -309,7 +309,7 @@ def test_preprocess_data_bad_input(tmp_path, tokenizer_path, case):
     elif case == "no eod token":
         args += ["--eod-token", "<eos>"]
     result = preprocess(*args)
-    assert result.returncode == 1
+    assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("preprocess_data: error: ") and "Traceback" not in result.stderr
     assert not list(tmp_path.glob("out*"))  # nothing half-written

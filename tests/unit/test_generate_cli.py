@@ -36,7 +36,7 @@ def dirs(tmp_path_factory):
     return hf_dir(root / "mtp"), hf_dir(root / "plain", num_nextn_predict_layers=0)
 
 
-def run_tool(argv: list[str], capsys) -> tuple[int, str, str]:
+def run_tool(argv: list[str], capfd) -> tuple[int, str, str]:
     """tools/generate.py as `python tools/generate.py ARGV` runs it (its __main__ block), in this process."""
     old = sys.argv
     sys.argv = [str(TOOL), *argv]
@@ -48,7 +48,7 @@ def run_tool(argv: list[str], capsys) -> tuple[int, str, str]:
     finally:
         sys.argv = old
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    out, err = capsys.readouterr()
+    out, err = capfd.readouterr()
     return code, out, err
 
 
@@ -77,19 +77,19 @@ BAD = {
 
 
 @pytest.mark.parametrize("name", sorted(BAD))
-def test_bad_input_exits_nonzero_with_one_line_naming_it(name, dirs, capsys):
+def test_bad_input_exits_nonzero_with_one_line_naming_it(name, dirs, capfd):
     argv, words = BAD[name]
     load = str(dirs[1] if "--plain" in argv else dirs[0])
     argv = [a for a in argv if a != "--plain"]
-    code, _, err = run_tool(["--load", load, *argv] if "--load" not in argv else argv, capsys)
-    assert code == 1
+    code, _, err = run_tool(["--load", load, *argv] if "--load" not in argv else argv, capfd)
+    assert code == 2
     assert err.startswith("generate: error: ") and words in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
 
 
-def test_ids_outside_the_models_vocabulary_exit_nonzero(dirs, capsys):
+def test_ids_outside_the_models_vocabulary_exit_nonzero(dirs, capfd):
     ids = train_bpe(TEXT, 300).encode("the cat sat on the mat")
     assert max(ids) >= DIMS["vocab_size"]  # the merges run past the model's 266 ids
     code, _, err = run_tool(["--load", str(dirs[0]), "--prompt", "the cat sat on the mat", "--max-new-tokens", "4"],
-                            capsys)
-    assert code == 1 and "vocab" in err and "Traceback" not in err
+                            capfd)
+    assert code == 2 and "vocab" in err and "Traceback" not in err

@@ -60,7 +60,7 @@ def test_bad_input_is_one_sentence_naming_the_flag(extra, phrase):
 def test_cli_exits_non_zero_without_traceback():
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "plan.py"), *TINY, "--pp", "3"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip() == "plan: error: --pp: 3 does not divide --gpus 4"
 
 

@@ -44,4 +44,4 @@ def test_bad_input_is_one_line(tmp_path):
         args = args if "--vocab-size" in args else [*args, "--vocab-size", "300"]
         done = train(*args, "--output", str(tmp_path / "t.json"))
         lines = done.stderr.strip().splitlines()
-        assert done.returncode == 1 and len(lines) == 1 and message in lines[0], done.stderr
+        assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
