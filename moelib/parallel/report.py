@@ -1,11 +1,12 @@
 """What a failing rank tells the user under mpirun, before the job is torn down.
 
-Every CLI's ``main`` runs through ``run_main``: a moelib error (or a file the OS refused) prints
-``prog: rank N: error: <one sentence>`` and exits 2 (the user must change a flag, file or input), a bug its
-traceback (each line prefixed with the rank) and exits 1, on the real stderr; one process says ``prog: error:``; then the whole job ends at once
-(MPI_Abort), because the other ranks may be waiting in a collective for this one. Ranks that fail with the
-same sentence print it once, and a rank whose connection broke because another rank ended first stays
-quiet: that rank's report (or mpirun's notice of a crash) says why.
+Every CLI's ``main`` runs through ``run_main``. A moelib error (or a file the OS refused) prints
+``prog: rank N: error: <one sentence>`` (one process: ``prog: error:``) and exits 2: the user must change a
+flag, file or input. A bug prints its traceback, each line prefixed with the rank, and exits 1. Both go to
+the real stderr; then the whole job ends at once (MPI_Abort), because the other ranks may be waiting in a
+collective for this one. Ranks that fail with the same sentence print it once, and a rank whose connection
+broke because another rank ended first stays quiet: that rank's report (or mpirun's notice of a crash)
+says why.
 
 ``mark(label)`` records in the job's store where this rank is (a label per phase of the program all ranks
 run in the same order). When collectives time out, each waiting rank leaves a note; after a short window
