@@ -312,11 +312,17 @@ def layout_for_batch(par, global_batch: int, micro_batch_size: int, world_size: 
     if global_batch < 1 or global_batch % per_step:
         raise MoelibError(f"--global-batch-size {global_batch} must be a positive multiple of micro-batch size x "
                           f"data-parallel size = {micro_batch_size} x {world_size // par.pp}")
+    return with_microbatches(par, global_batch, per_step, "--global-batch-size", world_size, model_cfg)
+
+
+def with_microbatches(par, batch: int, per_rank: int, flag: str, *validate_args):
+    """``par`` running a batch of ``batch`` sequences as batch / per_rank micro-batches per data-parallel rank;
+    a count the pipeline schedule rejects (ParallelConfig.validate owns that rule) is an error naming ``flag``."""
     try:
-        out = dataclasses.replace(par, num_microbatches=global_batch // per_step)
-        out.validate(world_size, model_cfg)
+        out = dataclasses.replace(par, num_microbatches=batch // per_rank)
+        out.validate(*validate_args)
     except ConfigError as e:
-        raise MoelibError(f"--global-batch-size {global_batch} gives {global_batch // per_step} micro-batches per "
+        raise MoelibError(f"{flag}: a batch of {batch} sequences gives {batch // per_rank} micro-batches per "
                           f"data-parallel rank, which the pipeline rejects: {e}") from None
     return out
 
@@ -361,12 +367,8 @@ def check_batch_sizes(cfg, micro_batch_size: int, par, dp: int) -> None:
     if cfg.batch_granularity % per_rank:
         raise MoelibError(f"--rampup-batch-size INCREMENT {cfg.batch_granularity} must be a multiple of {per_rank} "
                           f"(micro-batch size {micro_batch_size} x data-parallel size {dp})")
-    for counts in sorted({b // per_rank for b in range(cfg.batch_start, cfg.batch_end + 1, cfg.batch_granularity)}):
-        try:
-            dataclasses.replace(par, num_microbatches=counts).validate()
-        except ConfigError as e:
-            raise MoelibError(f"--rampup-batch-size: a batch of {counts * per_rank} sequences gives {counts} "
-                              f"micro-batches per data-parallel rank, which the pipeline rejects: {e}") from None
+    for batch in range(cfg.batch_start, cfg.batch_end + 1, cfg.batch_granularity):
+        with_microbatches(par, batch, per_rank, "--rampup-batch-size")
 
 
 def telemetry_summary(trainer) -> dict[str, float]:
