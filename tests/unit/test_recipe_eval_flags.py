@@ -61,9 +61,8 @@ def test_global_batch_that_does_not_divide_or_fit_the_pipeline_is_one_sentence(r
     with pytest.raises(MoelibError, match=r"^--global-batch-size 6 must be a positive multiple of micro-batch size x "
                                           r"data-parallel size = 2 x 2$"):
         recipe.layout_for_batch(ParallelConfig(), 6, 2, 2, tiny)
-    with pytest.raises(MoelibError, match=r"^--global-batch-size: a batch of 4 sequences gives 2 micro-batches per data-parallel "
-                                          r"rank, "
-                                          r"which the pipeline rejects: .*"):
+    with pytest.raises(MoelibError, match=r"^--global-batch-size: a batch of 4 sequences gives 2 micro-batches per "
+                                          r"data-parallel rank, which the pipeline rejects: .*"):
         recipe.layout_for_batch(dual, 4, 1, 4, tiny)
 
 
