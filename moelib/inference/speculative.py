@@ -36,7 +36,7 @@ def speculative_decode(model: Transformer, prompt: torch.Tensor, max_new_tokens:
     """(new tokens [1, N], stats) for one prompt [1, T], drafting with MTP depth 1; ``stream`` gets each
     token as [1, 1]."""
     cfg, length = model.cfg, prompt.shape[1] + max_new_tokens
-    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    device, dtype = model.embed_tokens.weight.device, model.norm.weight.dtype
     main = KVCache(cfg.num_hidden_layers, cfg, 1, length, absorb=absorb, dtype=dtype, device=device)
     mtp = KVCache(1, cfg, 1, length, absorb=absorb, dtype=dtype, device=device)
 
