@@ -289,7 +289,8 @@ def main(argv=None) -> int:
             say(f"no plot: {e}")
     # Rank 0 alone, after the last collective (the save): the other ranks finish meanwhile.
     if env.is_main and args.sample_tokens and not stopped and parts["valid"] is not None and tok is not None:
-        say(sample_line(path, parts["valid"], tok, args.sample_tokens))
+        say(sample_line(path, parts["valid"], tok, args.sample_tokens,
+                        "fp32" if train_cfg.precision.backend == "fp32" else "bf16"))
     return 0
 
 

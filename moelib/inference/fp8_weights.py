@@ -1,12 +1,18 @@
-"""FP8-resident weights for inference: every precision-layer Linear and routed/shared expert keeps its weight
-as E4M3 with one fp32 scale per 128x128 block (DeepSeek-V3's released format), half of bf16's bytes.
+"""FP8-resident weights for inference: every precision-layer Linear (kv_b_proj included), the routed and
+shared experts and the token embedding keep their weights as E4M3 with one fp32 scale per 128x128 block
+(DeepSeek-V3's released format), half of bf16's bytes.
 
-Their GEMMs go through ``ResidentFp8Backend``: the weight is dequantised block by block to bf16 when it is
-used (only the experts that got tokens) and multiplied in bf16. kv_b_proj stays bf16: the absorbed MLA
-path uses its weight directly as per-head matrices, not as a GEMM through the backend.
+GEMMs go through ``ResidentFp8Backend``: the weight is dequantised block by block to bf16 when it is used
+(only the experts that got tokens) and multiplied in bf16. The absorbed MLA path dequantises kv_b_proj
+itself (``MLA.absorbed_weights``), as DeepSeek's inference model does with wkv_b. The embedding in FP8 is
+our inference-memory choice, not V3's (its release keeps embedding and head bf16): a lookup dequantises
+only the rows it reads (``moelib.model.embedding``). The head, norms, routers and MTP's eh_proj stay as
+they are.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -62,17 +68,33 @@ class ResidentFp8Backend(Backend):
         return 1  # a GEMM per expert here: no shared row layout to pad to
 
 
-def quantize_weights(model: nn.Module) -> nn.Module:
-    """Make ``model`` keep its Linear and expert weights in FP8, in place (quantised from their values,
-    fp32 or bf16; the rest is left as it is)."""
-    backend = ResidentFp8Backend()
-    for name, module in model.named_modules():
-        if isinstance(module, Linear) and not name.endswith("kv_b_proj"):
-            module.weight = fp8_parameter(module.weight)
-            module.backend = backend
+def fp8_targets(model: nn.Module, embedding: bool = True) -> list[tuple[nn.Module, str]]:
+    """(module, attribute) of every weight ``quantize_weights`` turns into FP8."""
+    targets = []
+    for module in model.modules():
+        if isinstance(module, Linear):
+            targets.append((module, "weight"))
         elif isinstance(module, GroupedExperts):
-            module.gate_up_proj = fp8_parameter(module.gate_up_proj)
-            module.down_proj = fp8_parameter(module.down_proj)
+            targets += [(module, "gate_up_proj"), (module, "down_proj")]
+        elif isinstance(module, nn.Embedding) and embedding:
+            targets.append((module, "weight"))
+    return targets
+
+
+def fp8_bytes(shape: torch.Size) -> int:
+    """Bytes of an E4M3 weight of ``shape`` ([out, in] or stacked [E, out, in]) with its fp32 block scales."""
+    *stack, rows, cols = shape
+    blocks = math.prod(stack) * math.ceil(rows / BLOCK[0]) * math.ceil(cols / BLOCK[1])
+    return math.prod(shape) + 4 * blocks
+
+
+def quantize_weights(model: nn.Module, embedding: bool = True) -> nn.Module:
+    """Make ``model`` keep its Linear and expert weights (and, with ``embedding``, its embedding table) in
+    FP8, in place, quantised from their values (fp32 or bf16); the rest is left as it is."""
+    backend = ResidentFp8Backend()
+    for module, attr in fp8_targets(model, embedding):
+        setattr(module, attr, fp8_parameter(getattr(module, attr)))
+        if hasattr(module, "backend"):
             module.backend = backend
     return model
 

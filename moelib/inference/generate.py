@@ -75,7 +75,7 @@ def fill_after_eos(new: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
 
 
 def model_dtype(model: Transformer) -> torch.dtype:
-    return model.embed_tokens.weight.dtype
+    return model.norm.weight.dtype  # not the embedding's: it may be FP8-resident
 
 
 @torch.no_grad()

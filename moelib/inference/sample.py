@@ -1,7 +1,8 @@
 """The end of a training run: a greedy continuation of a held-out prompt by the checkpoint just saved.
 
-One process loads the checkpoint (``load_model``, fp32 on the CPU) and generates; no collectives, so the
-other ranks of the run need not wait for it.
+One process loads the checkpoint (``load_model`` on the CPU, in the training precision's dtype: bf16 unless the
+run trained in fp32, half of fp32's resident bytes) and generates; no collectives, so the other ranks of the
+run need not wait for it.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ def held_out_prompt(dataset: Sequence, length: int) -> list[int]:
     return [int(t) for t in dataset[0][:length]]
 
 
-def sample_line(checkpoint: str | os.PathLike, dataset: Sequence, tokenizer, max_new_tokens: int) -> str:
+def sample_line(checkpoint: str | os.PathLike, dataset: Sequence, tokenizer, max_new_tokens: int,
+                dtype: str = "bf16") -> str:
     """``HEADER + repr(prompt text) | repr(continuation)``: ``max_new_tokens`` greedy tokens after the first
     PROMPT_TOKENS tokens of the held-out ``dataset`` (fewer when the model's positions would not hold both),
-    decoded with ``tokenizer`` (a moelib.train.tokenizer.Tokenizer, or anything with ``decode(ids)``)."""
-    model = load_model(checkpoint, "fp32")
+    decoded with ``tokenizer`` (a moelib.train.tokenizer.Tokenizer, or anything with ``decode(ids)``), by the
+    model with its weights in ``dtype`` (load_model's)."""
+    model = load_model(checkpoint, dtype)
     prompt = held_out_prompt(dataset, min(PROMPT_TOKENS, model.cfg.max_position_embeddings - max_new_tokens))
     new = generate(model, [prompt], max_new_tokens).tokens[0, len(prompt):].tolist()
     return f"{HEADER}{tokenizer.decode(prompt)!r} | {tokenizer.decode(new)!r}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moelib.precision.fp8 import TILE
 from moelib.precision.weight_grad import accumulate_weight_grad
 
 
@@ -35,5 +36,14 @@ class _Embedding(torch.autograd.Function):
 
 
 def embedding_lookup(tokens: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """weight[tokens] (as F.embedding), dE added into ``weight.grad``."""
+    """weight[tokens] (as F.embedding), dE added into ``weight.grad``. An FP8-resident table (inference,
+    moelib.inference.fp8_weights: 128x128 block scales in ``scale_inv``) gives its rows dequantised to bf16."""
+    if hasattr(weight, "scale_inv"):
+        return fp8_rows(tokens, weight, weight.scale_inv)
     return _Embedding.apply(tokens, weight)
+
+
+def fp8_rows(tokens: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """The rows ``tokens`` of an E4M3 table [V, H] dequantised to bf16; the other rows are never touched."""
+    scale = scale_inv[tokens // TILE].repeat_interleave(TILE, -1)[..., :weight.shape[1]]
+    return (weight[tokens].float() * scale).to(torch.bfloat16)

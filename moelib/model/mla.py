@@ -21,6 +21,7 @@ from moelib.model.norm import RMSNorm
 from moelib.model.recompute import checkpoint, keep_attention_core, should_recompute
 from moelib.model.rope import apply_rope, softmax_scale
 from moelib.precision.backends import Backend, Linear
+from moelib.precision.fp8 import TILE, dequantize
 
 
 class MLA(nn.Module):
@@ -78,6 +79,15 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe.to(k_nope.dtype)], dim=-1).transpose(1, 2)
         return causal_attention(q, k, v.transpose(1, 2), self.scale)
 
+    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK [heads, nope, rank], W_UV [heads, v, rank]) in ``dtype``, split from kv_b_proj's weight. An
+        FP8-resident weight (block scales in ``scale_inv``) is dequantised here, as V3's inference model does."""
+        w = self.kv_b_proj.weight
+        if hasattr(w, "scale_inv"):
+            w = dequantize(w, w.scale_inv, (TILE, TILE), dtype)
+        w = w.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w.to(dtype).split([self.nope_dim, self.v_dim], dim=1)
+
     def attend_cached(self, q_in: torch.Tensor, kv_in: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       cache) -> torch.Tensor:
         """Attention of this call's tokens over the cache, [B, T, heads, v_head_dim]; cos/sin per sequence."""
@@ -92,8 +102,7 @@ class MLA(nn.Module):
         scores = torch.einsum("bthr,bsr->bhts", q_pe, pe_all.to(q_pe.dtype))
         if cache.absorb:
             # [heads, nope + v, rank]: score = (q_nope W_UK) · c_kv, out = (P · c_kv) W_UVᵀ; K and V never exist.
-            w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-            w_uk, w_uv = w.to(q_nope.dtype).split([self.nope_dim, self.v_dim], dim=1)
+            w_uk, w_uv = self.absorbed_weights(q_nope.dtype)
             q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
             scores = scores + torch.einsum("bthc,bsc->bhts", q_lat, c_all.to(q_lat.dtype))
         else:

@@ -105,8 +105,8 @@ TINY2 = "model: {preset: tiny, num_hidden_layers: 2}\n"
 
 @pytest.mark.dist
 def test_a_finished_run_ends_with_a_greedy_sample_of_a_held_out_prompt(tmp_path):
-    """The sample line is the saved checkpoint's own greedy continuation (moelib.generate) of the valid part's
-    first 32 tokens; --sample-tokens 0 and a stopped run print none."""
+    """The sample line is the saved checkpoint's own greedy continuation (moelib.generate, weights in bf16, the
+    run's precision) of the valid part's first 32 tokens; --sample-tokens 0 and a stopped run print none."""
     import torch
 
     import moelib
@@ -120,7 +120,7 @@ def test_a_finished_run_ends_with_a_greedy_sample_of_a_held_out_prompt(tmp_path)
     assert "Traceback" not in err and "step " not in out
     (tmp_path / "tiny2.yaml").write_text(TINY2)
     common = ["--config", str(tmp_path / "tiny2.yaml"), "--micro-batch-size", "2", "--train-iters", "2",
-              "--eval-iters", "1", "--peak-tflops", "1"]
+              "--eval-iters", "1", "--peak-tflops", "1", "--precision", "bf16"]
     _, out, _ = recipe(1, *common, "--save", str(tmp_path / "a"), "--sample-tokens", "8")
     lines = [line for line in out.splitlines() if line.startswith(HEADER)]
     assert len(lines) == 1, out
@@ -130,9 +130,9 @@ def test_a_finished_run_ends_with_a_greedy_sample_of_a_held_out_prompt(tmp_path)
                          default_split=DEFAULT_CORPUS_SPLIT)["valid"]
     prompt = [int(t) for t in valid[0][:32]]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the recipe's rank (OMP_NUM_THREADS=1): the same fp32 sums
+    torch.set_num_threads(1)  # as the recipe's rank (OMP_NUM_THREADS=1): the same bf16 sums
     try:
-        new = moelib.generate(moelib.load_model(tmp_path / "a"), [prompt], 8).tokens[0, 32:].tolist()
+        new = moelib.generate(moelib.load_model(tmp_path / "a", "bf16"), [prompt], 8).tokens[0, 32:].tolist()
     finally:
         torch.set_num_threads(threads)
     assert len(new) == 8

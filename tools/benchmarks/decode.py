@@ -5,9 +5,11 @@ and transformers' DeepseekV3ForCausalLM (eager attention, its DynamicCache of fu
 in --dtype, greedy, --prompt-len prompt tokens and --new new tokens at each --batches size; each figure is
 the best of --repeats runs. Also: cache bytes per token per sequence (moelib's stats, transformers' from
 its returned cache) with the analytic v3-671b figures; speculative (MTP) vs plain tokens/s at batch 1 and
-the acceptance rate on the prompts; FP8-resident bytes vs bf16. Prompts come from the held-out tail of
-the default corpus when its vocabulary matches the model's, else random ids (say which in the result).
-Without --load the model has random weights: acceptance is then meaningless, and the table says so.
+the acceptance rate on the prompts; FP8-resident bytes vs bf16 (and v3-671b's from its shapes) and what
+FP8 costs in logits and greedy tokens on the last batch's prompts (benchmarks/_fp8_resident.py). Prompts
+come from the held-out tail of the default corpus when its vocabulary matches the model's, else random ids
+(say which in the result). Without --load the model has random weights: acceptance is then meaningless,
+and the table says so.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks import result_path
+from benchmarks._fp8_resident import quality, resident
 from moelib import ModelConfig
 from moelib.convert import load_model
-from moelib.inference.fp8_weights import resident_bytes
 from moelib.inference.generate import generate
 from moelib.inference.load import cast_weights
 from moelib.model import build_model
@@ -158,13 +160,8 @@ def run(args) -> dict:
                            speculative_speedup=seconds / s_seconds,
                            speculative_same_tokens=bool(torch.equal(spec.tokens, ours.tokens)))
             rows.append(row)
-        bf16 = cast_weights(copy.deepcopy(fp32_copy), "bf16")
-        fp8 = cast_weights(fp32_copy, "fp8")
-        memory = {"bf16_bytes": resident_bytes(bf16), "fp8_bytes": resident_bytes(fp8)}
-        memory["ratio"] = memory["fp8_bytes"] / memory["bf16_bytes"]
-        quantised = [p for p in fp8.parameters() if hasattr(p, "scale_inv")]  # without embedding, head, norms
-        memory["gemm_weights_ratio"] = (sum(p.numel() + 4 * p.scale_inv.numel() for p in quantised)
-                                        / sum(2 * p.numel() for p in quantised))
+        memory = resident(fp32_copy)
+        fp8_cost = quality(fp32_copy, ids, args.new)
     v3 = analytic_v3()
     png = result_path(args, variant(args)).with_suffix(".png")
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -185,10 +182,16 @@ def run(args) -> dict:
                   f"{r['acceptance_rate']:.2f}{'' if args.load else ' (random weights: not meaningful)'}, "
                   f"same tokens as plain greedy: {r['speculative_same_tokens']}")
     print(f"resident weights: fp8 {memory['fp8_bytes'] / 1e6:.1f} MB vs bf16 {memory['bf16_bytes'] / 1e6:.1f} MB "
-          f"({memory['ratio']:.3f}x; the quantised GEMM weights alone {memory['gemm_weights_ratio']:.3f}x)")
+          f"({memory['ratio']:.3f}x; the quantised weights alone {memory['quantised_weights_ratio']:.3f}x); "
+          f"v3-671b from its shapes: {memory['v3_671b_ratio']:.3f}x")
+    for name, c in fp8_cost.items():
+        print(f"{name} vs bf16 on the batch-{ids.shape[0]} prompts: max relative logit error "
+              f"{c['max_rel_logit_error']:.4f}, argmax agreement {c['argmax_agreement']:.3f}, "
+              f"greedy tokens the same {c['greedy_agreement']:.3f}")
     print(f"v3-671b analytic cache (bf16): MLA {v3['mla_bytes']} B/token vs full-K/V MHA {v3['mha_bytes']} B/token "
           f"({v3['ratio']:.0f}x)")
     print(f"plot: {png}")
     return {"plot": str(png), "model": args.load or f"{args.preset} (random weights)", "dtype": args.dtype,
             "prompt_len": args.prompt_len,
-            "new": args.new, "prompts": source, "rows": rows, "resident": memory, "v3_671b_cache": v3}
+            "new": args.new, "prompts": source, "rows": rows, "resident": memory, "fp8_cost": fp8_cost,
+            "v3_671b_cache": v3}
