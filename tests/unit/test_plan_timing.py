@@ -155,3 +155,12 @@ def test_dualpipe_sums_its_mirror_copies_before_the_data_parallel_reduction():
                           2048, build_schedule("dualpipe", 16, 120), 0, 4096)["ema_host"]
     # the pair's all-reduce moves the rank's fp32 weights once over the network, on top of the DP reduction
     assert dual.gradient_sync > weights / 50e9 + 2 * dual.param_gather * 0.99
+
+
+@pytest.mark.parametrize("preset", ["v3-671b", "v2-lite-16b", "tiny"])
+def test_block_flops_are_six_times_the_activated_parameters_plus_the_attention_core(preset):
+    cfg = ModelConfig.from_preset(preset)
+    c = cfg.param_counts()
+    core = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * 4096 * (cfg.qk_head_dim + cfg.v_head_dim) / 2
+    assert model_flops_per_token(cfg, 4096, with_mtp=False) == pytest.approx(6 * (c["activated"] - c["embedding"])
+                                                                             + core, rel=1e-12)
