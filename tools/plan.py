@@ -5,11 +5,15 @@
     python tools/plan.py --config v2-lite-16b --gpus 8 --gpu h100 --global-batch-size 64 --search
 
 The memory table comes from the real model (moelib.plan.memory; activation bytes measured on CPU proxies
-of the real layers, under a minute); the step time plays the schedule's per-rank
-programs through moelib's event simulator with chunk times from exact FLOPs at --efficiency of the dense
-peak of the precision (0.3 by default: about what V3's own 180K H800 GPU-hours per trillion tokens imply
-under this model, see BENCHMARKS.md; or the GEMM rates a GPU's `bench.py kernels` JSON measured, with
---kernels) and all-to-all times from the hardware's bandwidths.
+of the real layers: a minute or two for V3 on a busy 2-core machine, then cached); the step time plays
+the schedule's per-rank programs through moelib's event simulator with chunk times from exact FLOPs at
+--efficiency of the dense peak of the precision (0.3 by default: a little under the 0.335 that V3's own
+180K H800 GPU-hours per trillion tokens imply under this model, see BENCHMARKS.md; or the GEMM rates a
+GPU's `bench.py kernels` JSON measured, with --kernels) on the SMs the all-to-all leaves, all-to-all times
+from the hardware's bandwidths, and after the pipeline the gradient sync, ZeRO all-gather and AdamW step
+(moelib.plan.update).
+Activation bytes are measured once per model and moelib version and cached in $MOELIB_CACHE_DIR
+(default ~/.cache/moelib).
 --target-gpu-hours solves for the efficiency that takes that many GPU-hours per trillion tokens
 (V3: 180000), which prints the MFU such a figure implies.
 """
@@ -92,9 +96,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--activation-seq", type=int, default=128, help="sequence length of the CPU activation measurement")
     hw = p.add_argument_group("hardware overrides (per GPU)")
     for flag, what in (("bf16-tflops", "dense bf16 peak"), ("fp8-tflops", "dense FP8 peak"), ("hbm-gb", "HBM GiB"),
-                       ("nvlink-gbps", "NVLink GB/s"), ("network-gbps", "cross-node GB/s")):
+                       ("nvlink-gbps", "NVLink GB/s"), ("network-gbps", "cross-node GB/s"),
+                       ("hbm-tbps", "HBM TB/s (the optimizer step)")):
         hw.add_argument(f"--{flag}", type=float, default=None, help=what)
     hw.add_argument("--gpus-per-node", type=int, default=None)
+    hw.add_argument("--sms", type=int, default=None, help="streaming multiprocessors per GPU")
+    hw.add_argument("--comm-sms", type=int, default=None,
+                    help="SMs the expert all-to-all keeps from compute (DeepEP in V3: 20)")
     p.add_argument("--search", action="store_true", help="try every layout for --gpus and rank those that fit")
     p.add_argument("--top", type=int, default=5, help="--search: how many fitting layouts to print")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the tables")
@@ -103,7 +111,8 @@ def parser() -> argparse.ArgumentParser:
 
 def inputs_from(args) -> PlanInputs:
     hw = hardware(args.gpu, bf16_tflops=args.bf16_tflops, fp8_tflops=args.fp8_tflops, hbm_gb=args.hbm_gb,
-                  nvlink_gbps=args.nvlink_gbps, network_gbps=args.network_gbps, gpus_per_node=args.gpus_per_node)
+                  nvlink_gbps=args.nvlink_gbps, network_gbps=args.network_gbps, gpus_per_node=args.gpus_per_node,
+                  hbm_tbps=args.hbm_tbps, sms=args.sms, comm_sms=args.comm_sms)
     if not 0 < args.usable_memory <= 1:
         raise ConfigError(f"--usable-memory: must lie in (0, 1], got {args.usable_memory}")
     for flag in ("seq_length", "global_batch_size", "micro_batch_size", "activation_seq"):
@@ -128,13 +137,18 @@ def describe(plan: Plan) -> str:
                  f"({i.usable_memory:.0%} of {i.hw.hbm_gb:g})")
     lines.append(f"  activations are {m.activation_microbatches} micro-batches in flight; EMA on the host "
                  f"{m.ema_host_bytes / GiB:.2f} GiB")
-    ctc = plan.compute_to_comm
+    ctc, u = plan.compute_to_comm, plan.update
+    share = f"{i.hw.sms - i.hw.comm_sms}/{i.hw.sms} SMs" if i.ep > 1 else "all SMs"
     lines += [
-        f"step {plan.time.step_time_s:.3f} s at efficiency {i.efficiency:.3f}: bubble {plan.time.bubble_fraction:.1%}, "
-        f"exposed all-to-all {plan.time.exposed_comm_fraction:.1%} "
-        f"({'hidden' if plan.comm_hidden else 'NOT hidden'})",
-        f"chunk compute : all-to-all = {'n/a (no EP)' if ctc is None else f'{ctc:.2f} : 1'}"
-        f" (network {plan.network_share:.0%} of the all-to-all time)",
+        f"step {plan.step_time_s:.3f} s at efficiency {i.efficiency:.3f} of the dense peak on {share}: pipeline "
+        f"{plan.time.step_time_s:.3f} s, then gradient sync {u.gradient_sync:.3f} s, ZeRO all-gather "
+        f"{u.param_gather:.3f} s, AdamW {u.optimizer:.3f} s",
+        f"bubble {plan.time.bubble_fraction:.1%} of the pipeline (the idlest rank {j['max_rank_idle_s']:.3f} s; "
+        f"Table 2's formula with the costliest stage's chunks {plan.table2_bubble_s:.3f} s), exposed all-to-all "
+        f"{plan.time.exposed_comm_fraction:.1%} ({'hidden' if plan.comm_hidden else 'NOT hidden'})",
+        "chunk forward compute (attention + MLP) : dispatch + combine = "
+        + ("n/a (no EP)" if ctc is None else f"{ctc:.2f} : 1, 1 : 1 at efficiency {plan.one_to_one_efficiency:.3f}")
+        + f" (network {plan.network_share:.0%} of the all-to-all time)",
         f"{plan.tokens_per_s:,.0f} tokens/s, MFU {plan.mfu:.1%} of bf16 peak, "
         f"{plan.gpu_hours:,.0f} GPU-hours for {i.tokens:.4g} tokens "
         f"({plan.gpu_hours / i.tokens * 1e12:,.0f} per trillion)",
@@ -157,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             for c in fitting[: args.top]:
                 p = c.plan
                 print(f"  PP {c.inputs.pp:>3} EP {c.inputs.ep:>4} {c.inputs.schedule:<9} "
-                      f"step {p.time.step_time_s:8.3f} s  bubble {p.time.bubble_fraction:5.1%}  "
+                      f"step {p.step_time_s:8.3f} s  bubble {p.time.bubble_fraction:5.1%}  "
                       f"exposed comm {p.time.exposed_comm_fraction:5.1%}  "
                       f"memory {p.memory.total / GiB:6.1f} GiB  MFU {p.mfu:5.1%}")
             print("not chosen:")
@@ -175,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         implied = make_plan(dataclasses.replace(inputs, efficiency=eff))
         out["implied"] = {"target_gpu_hours_per_trillion": args.target_gpu_hours, "efficiency": eff,
                           "mfu": implied.mfu, "gpu_hours": implied.gpu_hours,
-                          "step_time_s": implied.time.step_time_s, "compute_to_comm": implied.compute_to_comm,
+                          "step_time_s": implied.step_time_s, "compute_to_comm": implied.compute_to_comm,
                           "exposed_comm_fraction": implied.time.exposed_comm_fraction,
                           "bubble_fraction": implied.time.bubble_fraction}
     if args.json:

@@ -177,6 +177,26 @@ class ModelConfig:
             "router_per_layer": router,
         }
 
+    def flops_per_token(self, seq_len: int) -> dict[str, float]:
+        """Forward FLOPs per token of each kind of block at sequence length ``seq_len``: {"dense", "moe",
+        "head", "mtp", "attention"}. A block is 2 x its activated matmul parameters (norms counted as one
+        multiply-add per weight) plus the causal attention core, scores and values over half the sequence
+        on average; "head" is the final norm and the output head, "mtp" one MTP module (a MoE block, its
+        norms and eh_proj, and its own pass through the shared head); "attention" is the core of one block,
+        already inside "dense", "moe" and "mtp". Training costs 3x (backward = 2 x forward)."""
+        c = self.param_counts()
+        h = self.hidden_size
+        core = self.num_attention_heads * seq_len * (self.qk_head_dim + self.v_head_dim)
+        moe = c["attention_per_layer"] + 2 * h + (self.num_experts_per_tok + self.n_shared_experts) * c["expert"] \
+            + c["router_per_layer"]
+        return {
+            "dense": 2 * (c["attention_per_layer"] + 2 * h + c["dense_ffn_per_layer"]) + core,
+            "moe": 2 * moe + core,
+            "head": 2 * (c["head"] + h),
+            "mtp": 2 * (moe + 3 * h + 2 * h * h + c["head"]) + core,  # + enorm, hnorm, block norm, eh_proj
+            "attention": core,
+        }
+
     # -- presets and (de)serialisation ------------------------------------------------------------
 
     @classmethod

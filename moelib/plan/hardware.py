@@ -3,7 +3,8 @@
 Figures per GPU from the datasheets (dense, no sparsity) and, for H800, DeepSeek-V3's own network
 (REFERENCE.md section 11): NVLink 160 GB/s and InfiniBand 50 GB/s effective per GPU. H100 nodes are taken
 with one 400 Gb/s NIC per GPU (50 GB/s); B200 with NVLink 5 and one 400 Gb/s NIC per GPU. Every figure
-can be overridden (tools/plan.py --peak-bf16-tflops, --hbm-gb, ...).
+can be overridden (tools/plan.py --bf16-tflops, --hbm-gb, ...). HBM bandwidth and SM counts from the
+datasheets; the all-to-all keeps 20 SMs, as DeepEP does in V3, on every preset.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ class Hardware:
     nvlink_gbps: float      # GB/s per GPU, effective, one direction
     network_gbps: float     # GB/s per GPU across nodes
     gpus_per_node: int
+    hbm_tbps: float         # HBM bandwidth, TB/s
+    sms: int                # streaming multiprocessors
+    comm_sms: int           # of those, the ones the expert all-to-all kernels keep (DeepEP; V3: 20 of 132)
+
+    @property
+    def compute_share(self) -> float:
+        """The share of the SMs left to compute while the expert all-to-all runs."""
+        return (self.sms - self.comm_sms) / self.sms
 
     def peak_flops(self, precision: str) -> float:
         """Dense FLOP/s of the GEMMs in ``precision`` ("bf16" or "fp8")."""
@@ -34,10 +43,10 @@ class Hardware:
 
 
 PRESETS = {
-    "h800": Hardware("h800", 989.0, 1979.0, 80.0, 160.0, 50.0, 8),
-    "h100": Hardware("h100", 989.0, 1979.0, 80.0, 450.0, 50.0, 8),
-    "h200": Hardware("h200", 989.0, 1979.0, 141.0, 450.0, 50.0, 8),
-    "b200": Hardware("b200", 2250.0, 4500.0, 180.0, 900.0, 50.0, 8),
+    "h800": Hardware("h800", 989.0, 1979.0, 80.0, 160.0, 50.0, 8, 3.35, 132, 20),
+    "h100": Hardware("h100", 989.0, 1979.0, 80.0, 450.0, 50.0, 8, 3.35, 132, 20),
+    "h200": Hardware("h200", 989.0, 1979.0, 141.0, 450.0, 50.0, 8, 4.8, 132, 20),
+    "b200": Hardware("b200", 2250.0, 4500.0, 180.0, 900.0, 50.0, 8, 8.0, 148, 20),
 }
 
 
@@ -47,9 +56,13 @@ def hardware(name: str, **overrides: float | int | None) -> Hardware:
         raise ConfigError(f"--gpu: unknown GPU preset {name!r} (known: {', '.join(PRESETS)})")
     chosen = {k: v for k, v in overrides.items() if v is not None}
     for key, value in chosen.items():
-        if not value > 0:
-            raise ConfigError(f"--{key.replace('_', '-')}: must be positive, got {value}")
-    return dataclasses.replace(PRESETS[name], **chosen)
+        if not (value >= 0 if key == "comm_sms" else value > 0):
+            raise ConfigError(f"--{key.replace('_', '-')}: must be {'>= 0' if key == 'comm_sms' else 'positive'}, "
+                              f"got {value}")
+    hw = dataclasses.replace(PRESETS[name], **chosen)
+    if hw.comm_sms >= hw.sms:
+        raise ConfigError(f"--comm-sms: {hw.comm_sms} leaves none of the GPU's {hw.sms} SMs (--sms) to compute")
+    return hw
 
 
 def efficiency_from_kernels(path: str, hw: Hardware, precision: str) -> float:

@@ -84,11 +84,12 @@ def inventory(cfg: ModelConfig) -> tuple[Param, ...]:
     return _inventory(json.dumps(cfg.to_dict(), sort_keys=True))
 
 
-def rank_params(cfg: ModelConfig, schedule: Schedule, rank: int) -> list[list[Param]]:
+def rank_params(cfg: ModelConfig, schedule: Schedule, rank: int, seq_length: int) -> list[list[Param]]:
     """Per chunk on pipeline rank ``rank``: the parameters its stage module holds (full-model sizes), by
-    moelib.parallel.pipeline.stage.prune's rule: its layers, the embedding on the first stage (and on a last
-    stage with MTP when no stage 0 shares its rank), final norm, head and MTP on the last."""
-    specs = split_layers(cfg, schedule.num_stages)
+    moelib.parallel.pipeline.stage.prune's rule: its layers (split_layers at ``seq_length``), the embedding on
+    the first stage (and on a last stage with MTP when no stage 0 shares its rank), final norm, head and MTP
+    on the last."""
+    specs = split_layers(cfg, schedule.num_stages, seq_length)
     stages = [schedule.stage_of(rank, c) for c in range(len(schedule.placement[rank]))]
     has_first = 0 in stages
     groups = _by_owner(json.dumps(cfg.to_dict(), sort_keys=True))
@@ -118,13 +119,13 @@ class MemoryTable:
         return sum(self.rows.values())
 
 
-def state_bytes(cfg: ModelConfig, par: ParallelConfig, world: int, schedule: Schedule, rank: int,
+def state_bytes(cfg: ModelConfig, par: ParallelConfig, world: int, schedule: Schedule, rank: int, seq_length: int,
                 precision: str = "bf16", moment_bytes: int = 4) -> dict[str, float]:
     """Weights, gradients, optimizer moments and host EMA of pipeline rank ``rank`` (bytes), exactly what
     ParallelTrainer allocates for them (compute weights: the per-step casts the GPU recipe keeps)."""
     dp = world // par.pp
     edp = dp // par.ep
-    chunks = rank_params(cfg, schedule, rank)
+    chunks = rank_params(cfg, schedule, rank, seq_length)
     local = lambda p: p.numel // par.ep if p.expert else p.numel  # noqa: E731
     copies = [p for chunk in chunks for p in chunk]
     distinct = {p.name: p for p in copies}.values()
@@ -165,14 +166,15 @@ def peak_activation_bytes(schedule: Schedule, rank: int, chunk_bytes: list[float
 
 
 def memory_table(cfg: ModelConfig, par: ParallelConfig, world: int, schedule: Schedule,
-                 per_token: dict[str, float], tokens_per_microbatch: int, precision: str = "bf16",
+                 per_token: dict[str, float], seq_length: int, micro_batch_size: int = 1, precision: str = "bf16",
                  moment_bytes: int = 4) -> MemoryTable:
     """The memory table of the pipeline rank that needs the most (ranks of one EP group hold the same)."""
-    specs = split_layers(cfg, schedule.num_stages)
+    specs = split_layers(cfg, schedule.num_stages, seq_length)
+    tokens_per_microbatch = micro_batch_size * seq_length
     peaks = peak_activations(schedule)
     best = None
     for r in range(par.pp):
-        rows = state_bytes(cfg, par, world, schedule, r, precision, moment_bytes)
+        rows = state_bytes(cfg, par, world, schedule, r, seq_length, precision, moment_bytes)
         ema = rows.pop("ema_host")
         chunk_bytes = [stage_activation_bytes(cfg, specs[schedule.stage_of(r, c)], per_token, tokens_per_microbatch)
                        for c in range(len(schedule.placement[r]))]

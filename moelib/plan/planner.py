@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
 from moelib.config import ModelConfig, ParallelConfig
 from moelib.errors import ConfigError
 from moelib.parallel.pipeline.schedule import Schedule, build_schedule
+from moelib.parallel.pipeline.simulate import Costs, published_bubble
 from moelib.parallel.pipeline.stage import split_layers
-from moelib.plan.activations import layer_bytes_per_token
+from moelib.plan.cache import activation_bytes
 from moelib.plan.hardware import Hardware
 from moelib.plan.memory import MemoryTable, memory_table
 from moelib.plan.timing import ChunkTime, StepTime, all_to_all, stage_flops, step_time
+from moelib.plan.update import UpdateTime, update_time
 from moelib.train.metrics import model_flops_per_token
 
 SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
-DEFAULT_EFFICIENCY = 0.3  # achieved fraction of the dense peak; see tools/plan.py --efficiency
+DEFAULT_EFFICIENCY = 0.3  # achieved fraction of the dense peak of the compute SMs; see tools/plan.py --efficiency
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,14 @@ class PlanInputs:
 class Plan:
     inputs: PlanInputs
     memory: MemoryTable
-    time: StepTime
+    time: StepTime                   # the pipeline, from the first forward to the last backward
     chunks: tuple[ChunkTime, ...]    # per stage
     network_share: float             # of a MoE layer's all-to-all time, the part on the network
+    update: UpdateTime               # after the pipeline: gradient sync, ZeRO all-gather, AdamW
+
+    @property
+    def step_time_s(self) -> float:
+        return self.time.step_time_s + self.update.total
 
     @property
     def fits(self) -> bool:
@@ -67,7 +75,7 @@ class Plan:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens_per_step / self.time.step_time_s
+        return self.tokens_per_step / self.step_time_s
 
     @property
     def mfu(self) -> float:
@@ -81,10 +89,26 @@ class Plan:
 
     @property
     def compute_to_comm(self) -> float | None:
-        """Forward compute : forward all-to-all time of a chunk, the least over the stages (the chunk of MoE
-        layers only, where communication weighs most); None without all-to-all."""
+        """V3's ratio: a chunk's forward compute (attention and MLP, on the SMs the all-to-all leaves) over its
+        forward dispatch + combine time, the least over the stages (a chunk of MoE layers only, where
+        communication weighs most); None without all-to-all."""
         ratios = [c.Fc / c.Cf for c in self.chunks if c.Cf > 0]
         return min(ratios) if ratios else None
+
+    @property
+    def one_to_one_efficiency(self) -> float | None:
+        """The efficiency at which ``compute_to_comm`` would be 1 (compute time scales as 1 / efficiency)."""
+        ratio = self.compute_to_comm
+        return None if ratio is None else self.inputs.efficiency * ratio
+
+    @property
+    def table2_bubble_s(self) -> float:
+        """Table 2's bubble for this schedule (REFERENCE.md section 5) with the costliest stage's chunk times:
+        F and B with their all-to-all, W, and F&B overlapped as the simulator plays it."""
+        c = max(self.chunks, key=lambda c: c.Fc)
+        schedule = _schedule(self.inputs.schedule, self.inputs.pp, self.inputs.microbatches)
+        costs = Costs(F=c.Fc + c.Cf, B=c.Bc + c.Cb, W=c.Wc, FB=max(c.Fc + c.Bc, c.Cf + c.Cb))
+        return float(published_bubble(schedule, costs))
 
     @property
     def comm_hidden(self) -> bool:
@@ -101,11 +125,17 @@ class Plan:
             "memory_limit_bytes": i.usable_memory * i.hw.hbm_bytes,
             "ema_host_bytes": self.memory.ema_host_bytes,
             "activation_microbatches": self.memory.activation_microbatches,
-            "step_time_s": self.time.step_time_s,
+            "step_time_s": self.step_time_s,
+            "pipeline_s": self.time.step_time_s,
+            "update_s": {"gradient_sync": self.update.gradient_sync, "param_gather": self.update.param_gather,
+                         "optimizer": self.update.optimizer},
             "bubble_fraction": self.time.bubble_fraction,
+            "max_rank_idle_s": self.time.step_time_s - min(self.time.busy_s),
+            "table2_bubble_s": self.table2_bubble_s,
             "exposed_comm_fraction": self.time.exposed_comm_fraction,
             "comm_hidden": self.comm_hidden,
             "compute_to_comm": self.compute_to_comm,
+            "one_to_one_efficiency": self.one_to_one_efficiency,
             "network_share_of_comm": self.network_share,
             "tokens_per_s": self.tokens_per_s,
             "mfu": self.mfu,
@@ -160,10 +190,12 @@ def check_inputs(i: PlanInputs) -> ParallelConfig:
 
 
 def chunk_times(i: PlanInputs, specs) -> tuple[list[ChunkTime], float]:
-    """Per stage, seconds for one micro-batch; and the network's share of the all-to-all time."""
+    """Per stage, seconds for one micro-batch; and the network's share of the all-to-all time. With expert
+    parallelism the compute runs on the SMs the all-to-all leaves (V3: 112 of 132)."""
     tokens = i.micro_batch_size * i.seq_length
-    gemm_peak = i.efficiency * i.hw.peak_flops(i.precision)
-    core_peak = i.efficiency * i.hw.peak_flops("bf16")
+    share = i.hw.compute_share if i.ep > 1 else 1.0
+    gemm_peak = i.efficiency * share * i.hw.peak_flops(i.precision)
+    core_peak = i.efficiency * share * i.hw.peak_flops("bf16")
     a2a = all_to_all(i.model, i.hw, i.ep, tokens, i.precision == "fp8", i.max_nodes_per_token)
     chunks = []
     for spec in specs:
@@ -178,7 +210,7 @@ def chunk_times(i: PlanInputs, specs) -> tuple[list[ChunkTime], float]:
 
 def _per_token(i: PlanInputs) -> dict[str, float]:
     backend = "fp8-emulated" if i.precision == "fp8" else "bf16"
-    return layer_bytes_per_token(i.model, backend, i.recompute, i.activation_seq)
+    return activation_bytes(i.model, backend, i.recompute, i.activation_seq)
 
 
 def plan_memory(i: PlanInputs, per_token: dict[str, float] | None = None, schedule: Schedule | None = None
@@ -186,33 +218,55 @@ def plan_memory(i: PlanInputs, per_token: dict[str, float] | None = None, schedu
     """The memory table of one layout (checked first). ``per_token``: activation bytes per token per layer
     kind (measured if None)."""
     check_inputs(i)
-    schedule = schedule or build_schedule(i.schedule, i.pp, i.microbatches)
-    return memory_table(i.model, _parallel(i), i.gpus, schedule, per_token or _per_token(i),
-                        i.micro_batch_size * i.seq_length, i.precision, i.moment_bytes)
+    schedule = schedule or _schedule(i.schedule, i.pp, i.microbatches)
+    return memory_table(i.model, _parallel(i), i.gpus, schedule, per_token or _per_token(i), i.seq_length,
+                        i.micro_batch_size, i.precision, i.moment_bytes)
 
 
 def make_plan(i: PlanInputs, per_token: dict[str, float] | None = None) -> Plan:
     """The plan of one layout: memory table and step time."""
     check_inputs(i)
-    schedule = build_schedule(i.schedule, i.pp, i.microbatches)
+    schedule = _schedule(i.schedule, i.pp, i.microbatches)
     table = plan_memory(i, per_token, schedule)
-    chunks, network_share = chunk_times(i, split_layers(i.model, schedule.num_stages))
-    return Plan(i, table, step_time(schedule, chunks), tuple(chunks), network_share)
+    chunks, network_share, pipeline = _pipeline(i, schedule)
+    return Plan(i, table, pipeline, tuple(chunks), network_share, _update(i, schedule))
+
+
+_schedule = functools.lru_cache(maxsize=64)(build_schedule)
+
+
+def _pipeline(i: PlanInputs, schedule: Schedule) -> tuple[list[ChunkTime], float, StepTime]:
+    chunks, network_share = chunk_times(i, split_layers(i.model, schedule.num_stages, i.seq_length))
+    return chunks, network_share, step_time(schedule, chunks)
+
+
+def _update(i: PlanInputs, schedule: Schedule) -> UpdateTime:
+    """The slowest pipeline rank's step end (gradient sync, ZeRO all-gather, AdamW)."""
+    return max((update_time(i.model, _parallel(i), i.gpus, schedule, r, i.seq_length, i.hw, i.precision,
+                            i.moment_bytes) for r in range(i.pp)), key=lambda u: u.total)
 
 
 def _parallel(i: PlanInputs) -> ParallelConfig:
     return ParallelConfig(pipeline_model_parallel_size=i.pp, expert_model_parallel_size=i.ep)
 
 
-def efficiency_for_gpu_hours(i: PlanInputs, gpu_hours: float, per_token: dict[str, float] | None = None) -> float:
+def efficiency_for_gpu_hours(i: PlanInputs, gpu_hours: float) -> float:
     """The efficiency at which the plan takes ``gpu_hours`` for ``i.tokens`` (bisection; step time falls as
     efficiency rises). ConfigError if even efficiency 1 is slower."""
+    check_inputs(i)
+    schedule = _schedule(i.schedule, i.pp, i.microbatches)
+    tail = _update(i, schedule).total  # does not depend on the efficiency
+
+    def hours(efficiency: float) -> float:
+        step = _pipeline(dataclasses.replace(i, efficiency=efficiency), schedule)[2].step_time_s + tail
+        return i.gpus * i.tokens * step / (i.global_batch_size * i.seq_length) / 3600
+
     lo, hi = 1e-4, 1.0
-    if make_plan(dataclasses.replace(i, efficiency=hi), per_token).gpu_hours > gpu_hours:
+    if hours(hi) > gpu_hours:
         raise ConfigError(f"--target-gpu-hours: {gpu_hours:.4g} GPU-hours is out of reach even at efficiency 1")
     for _ in range(20):  # geometric halving: hi / lo ends at 1e4 ** 2**-20, within 1e-5
         mid = math.sqrt(lo * hi)
-        if make_plan(dataclasses.replace(i, efficiency=mid), per_token).gpu_hours > gpu_hours:
+        if hours(mid) > gpu_hours:
             lo = mid
         else:
             hi = mid
@@ -250,7 +304,7 @@ def search(i: PlanInputs, per_token: dict[str, float] | None = None) -> list[Can
                 else:
                     out.append(Candidate(cand, make_plan(cand, per_token), None))
         pp *= 2
-    fitting = sorted((c for c in out if c.reason is None), key=lambda c: c.plan.time.step_time_s)
+    fitting = sorted((c for c in out if c.reason is None), key=lambda c: c.plan.step_time_s)
     return fitting + [c for c in out if c.reason is not None]
 
 

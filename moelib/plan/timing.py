@@ -1,8 +1,9 @@
 """Time per step: each chunk's compute and all-to-all time, played through the schedule simulator.
 
-Compute. A stage's forward FLOPs per token are those of moelib.train.metrics.model_flops_per_token split
-by layer (2 x activated matmul parameters, plus the causal attention core); they run at ``efficiency`` of
-the dense peak (GEMMs at the precision's peak, the attention core at bf16's, as V3 keeps it in bf16).
+Compute. A stage's forward FLOPs per token are ModelConfig.flops_per_token's for its blocks (the ones
+moelib.train.metrics.model_flops_per_token adds up: 2 x activated matmul parameters, plus the causal
+attention core); they run at ``efficiency`` of the dense peak (GEMMs at the precision's peak, the attention
+core at bf16's, as V3 keeps it in bf16), of the SMs the all-to-all leaves when there is one (planner).
 The backward is twice the forward: B = 2F, of which the weight-grad W = F, so I = B - W = F.
 
 Communication, per MoE layer and micro-batch of T tokens on a GPU, as DeepEP moves them (REFERENCE.md
@@ -17,13 +18,13 @@ Ops for the simulator (per stage; Fc, Bc, Wc compute, Cf and Cb the chunk's forw
 all-to-all time): F = Fc + Cf, B = Bc + Cb, I = Bc - Wc + Cb, W = Wc (nothing to send), and DualPipe's
 F&B of a forward chunk f and a backward chunk b = max(Fc_f + Bc_b, Cf_f + Cb_b): each half's all-to-all
 runs while the other half computes, so only communication beyond the partner's compute is exposed.
-Anything above the compute of an op is exposed communication; the rest of the step is bubble.
-Not modelled: the data-parallel gradient reduction and ZeRO all-gather after the pipeline drains, the
-optimizer step, and the SMs DeepEP takes from compute while it communicates (V3: 20 of 132).
+Anything above the compute of an op is exposed communication; the rest of the pipeline's time is bubble.
+What follows the pipeline (gradient sync, ZeRO all-gather, AdamW) is moelib.plan.update's.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from moelib.config import ModelConfig
@@ -35,27 +36,9 @@ from moelib.plan.hardware import Hardware
 FP8_TILE = 128
 
 
-def layer_flops(cfg: ModelConfig, seq: int) -> dict[str, float]:
-    """Forward FLOPs per token of each kind of block: {"dense", "moe", "head", "mtp", "attention"} (the last is
-    the attention core of one layer, already inside "dense", "moe" and "mtp")."""
-    c = cfg.param_counts()
-    h = cfg.hidden_size
-    core = 2 * cfg.num_attention_heads * seq * (cfg.qk_head_dim + cfg.v_head_dim) / 2  # causal: half the scores
-    active_moe = (cfg.num_experts_per_tok + cfg.n_shared_experts) * c["expert"] + c["router_per_layer"]
-    moe = c["attention_per_layer"] + 2 * h + active_moe
-    mtp_extra = 3 * h + 2 * h * h  # enorm, hnorm, block norm, eh_proj
-    return {
-        "dense": 2 * (c["attention_per_layer"] + 2 * h + c["dense_ffn_per_layer"]) + core,
-        "moe": 2 * moe + core,
-        "head": 2 * (c["head"] + h),  # final norm and head
-        "mtp": 2 * (moe + mtp_extra + c["head"]) + core,  # a MoE block, its extras, a pass through the head
-        "attention": core,
-    }
-
-
 def stage_flops(cfg: ModelConfig, spec: StageSpec, seq: int) -> tuple[float, float]:
     """(GEMM, attention-core) forward FLOPs per token of stage ``spec``."""
-    f = layer_flops(cfg, seq)
+    f = cfg.flops_per_token(seq)
     total = sum(f["moe" if cfg.is_moe_layer(i) else "dense"] for i in spec.layer_ids)
     cores = len(spec.layer_ids)
     if spec.is_last:
@@ -147,18 +130,61 @@ def stage_costs(schedule: Schedule, chunks: list[ChunkTime]) -> StageCosts:
 
 
 @dataclass(frozen=True)
+class Replay:
+    """A schedule's ops in an order the simulator could run them (each after its rank's previous op and
+    after the ops whose messages it consumes), found once: replaying it with other durations gives
+    ``simulate``'s times without matching messages again (the planner times one schedule many times)."""
+
+    ops: tuple[tuple[int, Op], ...]   # (rank, op)
+    waits: tuple[tuple[int, ...], ...]  # per op: indices into ops of its rank's previous op and its producers
+
+
+@functools.lru_cache(maxsize=32)
+def replay_of(schedule: Schedule) -> Replay:
+    """The replay order of ``schedule``: the order ``simulate`` ran its ops in."""
+    events = simulate(schedule, Costs(F=1, B=2, W=1)).events
+    index: dict[tuple[int, int], int] = {}  # (rank, position in its program) -> index in the order
+    done = [0] * schedule.pp
+    for i, e in enumerate(events):
+        index[e.rank, done[e.rank]] = i
+        done[e.rank] += 1
+    producer = {m: index[r, k] for r, prog in enumerate(schedule.programs) for k, op in enumerate(prog)
+                for m in schedule.produces(r, op)}
+    ops, waits = [None] * len(events), [()] * len(events)
+    for (r, k), i in index.items():
+        op = schedule.programs[r][k]
+        ops[i] = (r, op)
+        waits[i] = (*([index[r, k - 1]] if k else []), *(producer[m] for m in schedule.consumes(r, op)))
+    return Replay(tuple(ops), tuple(waits))
+
+
+@dataclass(frozen=True)
 class StepTime:
     step_time_s: float
     bubble_fraction: float        # idle share of all pipeline ranks' time
     exposed_comm_fraction: float  # all-to-all time not hidden under compute, share of all ranks' time
     compute_s: float              # per rank, mean
+    busy_s: tuple[float, ...] = ()     # per rank: compute and exposed all-to-all
+    compute_per_rank_s: tuple[float, ...] = ()
 
 
 def step_time(schedule: Schedule, chunks: list[ChunkTime]) -> StepTime:
-    """Play ``schedule`` with these chunk times: makespan, bubble and exposed communication."""
+    """Play ``schedule`` with these chunk times (messages take no time, as in ``simulate`` with comm 0):
+    makespan, bubble and exposed communication."""
     costs = stage_costs(schedule, chunks)
-    sim = simulate(schedule, costs)
-    compute = [sum(costs.compute(op, r) for op in prog) for r, prog in enumerate(schedule.programs)]
-    total = float(sim.makespan) * schedule.pp
-    exposed = sum(float(b) for b in sim.busy) - sum(compute)
-    return StepTime(float(sim.makespan), sim.bubble_fraction, exposed / total, sum(compute) / schedule.pp)
+    replay = replay_of(schedule)
+    durations: dict[tuple, tuple[float, float]] = {}  # by what an op's duration depends on
+    end = [0.0] * len(replay.ops)
+    busy, compute = [0.0] * schedule.pp, [0.0] * schedule.pp
+    for i, ((r, op), waits) in enumerate(zip(replay.ops, replay.waits)):
+        key = (r, op.kind, op.chunk, op.b_chunk, op.defer_w)
+        if key not in durations:
+            durations[key] = (costs.of(op, r), costs.compute(op, r))
+        took, work = durations[key]
+        end[i] = max((end[j] for j in waits), default=0.0) + took
+        busy[r] += took
+        compute[r] += work
+    makespan = max(end)
+    total = makespan * schedule.pp
+    return StepTime(makespan, 1 - sum(busy) / total, (sum(busy) - sum(compute)) / total, sum(compute) / schedule.pp,
+                    tuple(busy), tuple(compute))

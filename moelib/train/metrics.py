@@ -35,18 +35,14 @@ def collect_load(model: Transformer, reset: bool = True) -> LoadStats:
 
 
 def model_flops_per_token(cfg, seq_len: int, with_mtp: bool = True) -> float:
-    """Training FLOPs per token: 6 x activated matmul parameters (embedding lookups excluded; head and, if
-    run, MTP blocks included) plus the causal attention scores and values."""
-    c = cfg.param_counts()
-    dense = c["activated"] - c["embedding"]
-    layers = cfg.num_hidden_layers
-    if with_mtp and cfg.num_nextn_predict_layers:
-        experts = cfg.n_routed_experts + cfg.n_shared_experts
-        idle_experts = (experts - cfg.num_experts_per_tok - cfg.n_shared_experts) * c["expert"]
-        dense += c["mtp"] - cfg.num_nextn_predict_layers * idle_experts + cfg.num_nextn_predict_layers * c["head"]
-        layers += cfg.num_nextn_predict_layers
-    attention = 6 * layers * cfg.num_attention_heads * seq_len * (cfg.qk_head_dim + cfg.v_head_dim) / 2
-    return 6 * dense + attention
+    """Training FLOPs per token: 3 x the forward FLOPs of every block (ModelConfig.flops_per_token: 2 x
+    activated matmul parameters plus the causal attention core; embedding lookups excluded; head and, if
+    run, MTP modules included)."""
+    f = cfg.flops_per_token(seq_len)
+    forward = cfg.first_k_dense_replace * f["dense"] + cfg.num_moe_layers * f["moe"] + f["head"]
+    if with_mtp:
+        forward += cfg.num_nextn_predict_layers * f["mtp"]
+    return 3 * forward
 
 
 def measure_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 8,

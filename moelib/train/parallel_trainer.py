@@ -56,7 +56,7 @@ class ParallelTrainer:
         self.model_cfg, self.cfg, self.par = model_cfg, cfg, par
         self.mesh = mesh = Mesh(par, model_cfg)
         self.schedule = schedule = build_schedule(par.pipeline_schedule, par.pp, par.microbatches)
-        specs = split_layers(model_cfg, schedule.num_stages)
+        specs = split_layers(model_cfg, schedule.num_stages, cfg.seq_length)
         chunks = range(len(schedule.placement[mesh.pp_rank]))
         stage_ids = {c: schedule.stage_of(mesh.pp_rank, c) for c in chunks}
         # MTP on the last stage reads the embedding: DualPipe(V) puts stage 0 on the same rank; otherwise

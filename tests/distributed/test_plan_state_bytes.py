@@ -25,7 +25,7 @@ def test_planned_state_bytes_equal_a_real_runs_tensors():
         par = ParallelConfig(pipeline_model_parallel_size=int(pp), expert_model_parallel_size=int(ep),
                              pipeline_schedule=schedule)
         plan = state_bytes(ModelConfig.from_preset(r["preset"]), par, r["world"],
-                           build_schedule(schedule, par.pp, par.microbatches), r["pp_rank"],
+                           build_schedule(schedule, par.pp, par.microbatches), r["pp_rank"], r["seq_length"],
                            moment_bytes=2 if r["moment_dtype"] == "bf16" else 4)
         for row in ("master_weights", "gradients", "optimizer", "ema_host"):
             assert plan[row] == r[row], (r["preset"], r["layout"], r["pp_rank"], row, plan[row], r[row])

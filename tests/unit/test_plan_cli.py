@@ -13,6 +13,14 @@ from moelib.errors import ConfigError
 from tools.plan import main, parse_tokens
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def activation_cache(tmp_path_factory):
+    """One measurement of tiny's layers for the module, in a cache of its own (not the user's)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOELIB_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
 TINY = ["--config", "tiny", "--gpus", "4", "--gpu", "h100", "--pp", "2", "--ep", "2", "--global-batch-size", "8",
         "--seq-length", "64", "--activation-seq", "32"]
 
@@ -24,10 +32,12 @@ def test_json_has_every_figure_and_a_memory_row_per_table_row(capsys):
     rows = {"master_weights", "compute_weights", "gradients", "optimizer", "activations"}
     assert set(out["memory_bytes"]) == rows | {"total"}
     assert out["memory_bytes"]["total"] == pytest.approx(sum(out["memory_bytes"][r] for r in rows))
-    for key in ("step_time_s", "tokens_per_s", "mfu", "gpu_hours"):
+    for key in ("step_time_s", "tokens_per_s", "mfu", "gpu_hours", "one_to_one_efficiency"):
         assert out[key] > 0, key
+    assert out["step_time_s"] == pytest.approx(out["pipeline_s"] + sum(out["update_s"].values()))
     # PP 2 under DualPipe: each rank holds both stages, so (PP/2 - 1) x ... = no bubble
     assert out["bubble_fraction"] == pytest.approx(0.0, abs=1e-12) and 0 <= out["exposed_comm_fraction"] < 1
+    assert out["table2_bubble_s"] == 0 and out["max_rank_idle_s"] == pytest.approx(0.0, abs=1e-12)
     assert out["compute_to_comm"] > 0
     assert out["gpu_hours"] == pytest.approx(4 * 1e9 / out["tokens_per_s"] / 3600)
 
@@ -47,6 +57,8 @@ def test_target_gpu_hours_finds_the_efficiency_that_meets_it(capsys):
     (["--ep", "4"], "--ep: 4 does not divide the data-parallel size 2"),
     (["--gpu", "a100"], "--gpu: unknown GPU preset 'a100'"),
     (["--gpus-per-node", "3"], "--ep: 2 cuts nodes of 3 GPUs (--gpus-per-node) unevenly"),
+    (["--comm-sms", "140"], "--comm-sms: 140 leaves none of the GPU's 132 SMs (--sms)"),
+    (["--hbm-tbps", "0"], "--hbm-tbps: must be positive, got 0"),
     (["--hbm-gb", "0.01"], "memory: the layout needs"),
     (["--global-batch-size", "6"], "--global-batch-size: dualpipe needs an even number"),
     (["--tokens", "lots"], "--tokens: 'lots' is not a positive token count"),

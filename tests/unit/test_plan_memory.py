@@ -36,16 +36,16 @@ def test_expert_parallelism_and_zero_shrink_the_state_as_their_group_sizes_say()
     cfg = ModelConfig.from_preset("v3-671b")
     sched = build_schedule("dualpipe", 16, 32)
     ep64 = state_bytes(cfg, ParallelConfig(pipeline_model_parallel_size=16, expert_model_parallel_size=64,
-                                           pipeline_schedule="dualpipe"), 2048, sched, 3)
+                                           pipeline_schedule="dualpipe"), 2048, sched, 3, 4096)
     ep128 = state_bytes(cfg, ParallelConfig(pipeline_model_parallel_size=16, expert_model_parallel_size=128,
-                                            pipeline_schedule="dualpipe"), 2048, sched, 3)
+                                            pipeline_schedule="dualpipe"), 2048, sched, 3, 4096)
     assert ep128["master_weights"] < ep64["master_weights"]
     assert ep64["gradients"] == ep64["master_weights"]
     # every parameter of the model lives on some pipeline rank: the sum over ranks of one DP replica of
     # 1F1B's stages, expert shards times EP, is the whole model
     par = ParallelConfig(pipeline_model_parallel_size=4, expert_model_parallel_size=1)
     one = build_schedule("1f1b", 4, 1)
-    total = sum(state_bytes(cfg, par, 4, one, r)["ema_host"] for r in range(4)) // 4
+    total = sum(state_bytes(cfg, par, 4, one, r, 4096)["ema_host"] for r in range(4)) // 4
     counts = cfg.param_counts()
     assert total == counts["total"] + counts["mtp"] + counts["embedding"]  # the last stage keeps its own embedding
 

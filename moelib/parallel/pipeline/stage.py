@@ -8,6 +8,8 @@ is keyed by its name), whatever the layout.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -34,25 +36,57 @@ class StageSpec:
         return self.stage_id == self.num_stages - 1
 
 
-def split_layers(cfg: ModelConfig, num_stages: int) -> list[StageSpec]:
-    """Contiguous runs of decoder layers of about equal cost. The last stage also runs the head and the MTP
-    modules (each a decoder block plus a head pass), counted as one layer each plus one for the head."""
+def layer_costs(cfg: ModelConfig, seq_length: int) -> list[float]:
+    """Forward FLOPs per token of each decoder layer at ``seq_length`` (ModelConfig.flops_per_token: dense
+    and MoE layers differ), the last one also carrying the final norm, the head and every MTP module, which
+    run on the last stage; the embedding is a lookup and costs nothing."""
+    f = cfg.flops_per_token(seq_length)
+    cost = [f["moe" if cfg.is_moe_layer(i) else "dense"] for i in range(cfg.num_hidden_layers)]
+    cost[-1] += f["head"] + cfg.num_nextn_predict_layers * f["mtp"]
+    return cost
+
+
+def split_layers(cfg: ModelConfig, num_stages: int, seq_length: int) -> list[StageSpec]:
+    """Contiguous runs of decoder layers, at least one per stage, whose costliest stage (``layer_costs`` at
+    ``seq_length``) costs the least possible; the trainer and the planner cut the model with this."""
     n = cfg.num_hidden_layers
     if not 1 <= num_stages <= n:
         raise ConfigError(f"ParallelConfig: {num_stages} pipeline stages need at least as many decoder layers; "
                           f"the model has {n}")
-    cost = [1.0] * n
-    cost[-1] += 1.0 + cfg.num_nextn_predict_layers
-    total, cum, ends = sum(cost), 0.0, []
-    for i, c in enumerate(cost):
-        cum += c
-        # Close a stage where the cumulative cost passes its share, leaving a layer for each later stage.
-        stages_left = num_stages - len(ends) - 1
-        if stages_left and (cum >= total * (len(ends) + 1) / num_stages - 0.5 or n - i - 1 == stages_left):
-            ends.append(i + 1)
-    ends.append(n)
-    starts = [0] + ends[:-1]
+    ends = balanced_ends(tuple(layer_costs(cfg, seq_length)), num_stages)
+    starts = (0, *ends[:-1])
     return [StageSpec(s, num_stages, tuple(range(a, b))) for s, (a, b) in enumerate(zip(starts, ends))]
+
+
+@functools.lru_cache(maxsize=256)
+def balanced_ends(cost: tuple[float, ...], parts: int) -> tuple[int, ...]:
+    """The end index of each of ``parts`` non-empty contiguous runs of ``cost`` such that the largest run sum
+    is the least possible; among those splits the most even one (least sum of squared run sums), ties to
+    the earliest ends, so every rank computes the same split. Two dynamic programs over prefixes, O(parts n^2)."""
+    n = len(cost)
+    prefix = list(itertools.accumulate(cost, initial=0.0))
+    inf = float("inf")
+    # least[j][i]: the least largest run over splits of the first i items into j runs
+    least = [[inf] * (n + 1) for _ in range(parts + 1)]
+    least[0][0] = 0.0
+    for j in range(1, parts + 1):
+        for i in range(j, n - (parts - j) + 1):
+            least[j][i] = min(max(least[j - 1][a], prefix[i] - prefix[a]) for a in range(j - 1, i))
+    bound = least[parts][n] * (1 + 1e-9)  # prefix differences round; a run at the bound must still pass
+    squares = [[inf] * (n + 1) for _ in range(parts + 1)]
+    squares[0][0] = 0.0
+    back = [[0] * (n + 1) for _ in range(parts + 1)]
+    for j in range(1, parts + 1):
+        for i in range(j, n - (parts - j) + 1):
+            for a in range(j - 1, i):
+                run = prefix[i] - prefix[a]
+                if run <= bound and squares[j - 1][a] + run * run < squares[j][i]:
+                    squares[j][i], back[j][i] = squares[j - 1][a] + run * run, a
+    ends, i = [], n
+    for j in range(parts, 0, -1):
+        ends.append(i)
+        i = back[j][i]
+    return tuple(reversed(ends))
 
 
 def prune(model: Transformer, spec: StageSpec, keep_embedding: bool = False) -> Transformer:

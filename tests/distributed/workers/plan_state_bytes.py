@@ -44,7 +44,7 @@ def run(preset: str, layout: str) -> None:
     params = [p for m in trainer.models.values() for p in m.parameters()]
     print("RESULT " + json.dumps({
         "preset": preset, "layout": layout, "pp_rank": trainer.mesh.pp_rank, "world": trainer.mesh.world_size,
-        "moment_dtype": train.moment_dtype, "master_weights": tensor_bytes(params),
+        "moment_dtype": train.moment_dtype, "seq_length": train.seq_length, "master_weights": tensor_bytes(params),
         "gradients": tensor_bytes(p.grad for p in params), "optimizer": trainer.optimizer.state_bytes(),
         "ema_host": tensor_bytes(trainer.ema.state_dict().values()),
     }), flush=True)
