@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -50,7 +50,10 @@ class Backend:
         return linear(x, weight)
 
     def grouped_linear(self, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, *,
-                       pow2_input: bool = False, name: str = "experts") -> torch.Tensor:
+                       pow2_input: bool = False, name: str = "experts",
+                       input_again: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """``input_again``: a function recomputing x in backward; a backend may keep less instead of x (FP8
+        ones do: the weight-grad GEMM quantises the recomputed x)."""
         return grouped_linear(x, weight, counts)
 
     def expert_row_multiple(self, x: torch.Tensor) -> int:
@@ -89,8 +92,10 @@ class Fp8Backend(Backend):
         return 1  # FP8 GEMMs are emulated in fp32 or run by Triton/TE kernels, which do not rebuild per shape
 
     def grouped_linear(self, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, *,
-                       pow2_input: bool = False, name: str = "experts") -> torch.Tensor:
-        return fp8_grouped_linear(x, weight, counts, self.options(pow2_input), name, self.telemetry(weight))
+                       pow2_input: bool = False, name: str = "experts",
+                       input_again: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        return fp8_grouped_linear(x, weight, counts, self.options(pow2_input), name, self.telemetry(weight),
+                                  input_again)
 
 
 class TeBackend(Fp8Backend):
