@@ -168,3 +168,11 @@ def swiglu_again(gate: torch.Tensor, up: torch.Tensor,
         out = _RecomputedSwiGLU.apply(gate, up, cache, kept)
         return out, (kept[0].output if kept else None)
     return F.silu(gate) * up, None
+
+
+def fp8_quantize(cache: SwiGLUCache | None) -> Callable | None:
+    """The FP8 quantise (with the cache's scale rounding) under which more of a recomputing module's
+    activations are kept in E4M3 (the routed experts' outputs for the combine's weight gradient), or None."""
+    if should_recompute(cache is not None and cache.quantize is not None):
+        return functools.partial(cache.quantize, pow2_scale=cache.pow2_scale)
+    return None

@@ -12,6 +12,7 @@ from moelib.model import moe
 from moelib.model.recompute import SwiGLUCache, _Fp8GateUp
 from moelib.plan.activations import held_breakdown, held_per_token
 from moelib.precision import fp8
+from moelib.precision.rows import weighted_sum
 from tests.unit.test_recompute import CFG, build, run_layer
 
 E4M3_REL = 2.0 ** -4   # round-to-nearest with 3 mantissa bits (REFERENCE §4)
@@ -38,6 +39,27 @@ def test_recomputed_swiglu_output_within_the_e4m3_bound(rows, scale, seed):
     # |silu(g')u' - silu(g)u| <= |silu(g')| |u' - u| + |u| |silu(g') - silu(g)|
     bound = F.silu(gate).abs() * u_err + SILU_SLOPE * g_err * (up.abs() + u_err) + up.abs() * SILU_SLOPE * g_err
     assert torch.all((again - exact).abs() <= bound * (1 + 1e-5) + 1e-30)
+
+
+@settings(max_examples=30, deadline=None)
+@given(tokens=st.integers(1, 6), k=st.integers(1, 4), hidden=st.sampled_from([16, 130, 256]),
+       scale=st.floats(1e-3, 1e3), seed=st.integers(0, 2**16))
+def test_combine_keeping_expert_outputs_in_fp8_changes_only_the_gate_gradient_within_the_e4m3_bound(
+        tokens, k, hidden, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.randn(tokens, k, hidden, generator=g) * scale).requires_grad_()
+    w = torch.rand(tokens, k, generator=g).requires_grad_()
+    grad = torch.randn(tokens, hidden, generator=g)
+    results = []
+    for quantize in (None, fp8.quantize):
+        out = weighted_sum(y, w, quantize)
+        results.append((out, *torch.autograd.grad(out, (y, w), grad)))
+    (out, gy, gw), (out8, gy8, gw8) = results
+    assert torch.equal(out8, out) and torch.equal(gy8, gy)
+    # grad_w = <grad, y_k>: each y element moves by at most its E4M3 bound
+    bound = (grad.abs().unsqueeze(1) * _input_error_bound(y.detach())).sum(-1)
+    slack = 1e-5 * (grad.abs().unsqueeze(1) * y.detach().abs()).sum(-1)  # fp32 summation order
+    assert torch.all((gw8 - gw).abs() <= bound + slack)
 
 
 def _no_input_again(monkeypatch):
@@ -72,3 +94,22 @@ def test_breakdown_sums_to_what_the_layer_holds(backend, mode):
         assert {"_Fp8GateUp.__init__(SwiGLU gate)", "_Fp8GateUp.__init__(SwiGLU up)"} <= fp8_labels
     else:
         assert not fp8_labels
+
+
+def test_combine_keeps_expert_outputs_in_fp8_only_the_gate_gradient_changes(monkeypatch):
+    new = run_layer(build("selective", "fp8-emulated"), "moe")
+    new_bytes = held_per_token(CFG, "fp8-emulated", "selective", "moe", seq=16)
+    monkeypatch.setattr(moe.GroupedExperts, "output_quantize", lambda self: None)
+    old = run_layer(build("selective", "fp8-emulated"), "moe")
+    old_bytes = held_per_token(CFG, "fp8-emulated", "selective", "moe", seq=16)
+    assert torch.equal(new[0], old[0])
+    gate = "layers.1.mlp.gate.weight"
+    changed = {k for k in old[2] if not torch.equal(new[2][k], old[2][k])}
+    # The experts' gradients come from the combine's grad_y, which does not read y: unchanged. The gate
+    # weights' gradient (and whatever lies upstream of the router) moves.
+    assert gate in changed and not {k for k in changed if ".experts." in k or ".shared_experts." in k}
+    rel = float((new[2][gate] - old[2][gate]).norm() / old[2][gate].norm())
+    assert 0 < rel < E4M3_REL
+    # Per token: top_k bf16 rows of the hidden width become E4M3 plus one fp32 scale per 128-wide tile.
+    k, h = CFG.num_experts_per_tok, CFG.hidden_size
+    assert old_bytes - new_bytes == k * (2 * h) - k * (h + 4 * -(-h // fp8.TILE))
