@@ -121,10 +121,12 @@ def _quantize_input(k: Fp8Kernels, x: torch.Tensor, x2: torch.Tensor, pow2: bool
 
 
 class Fp8LinearFunction(torch.autograd.Function):
-    """y = x·weightᵀ with all three GEMMs in FP8. apply(x, weight, options, name, telemetry)."""
+    """y = x·weightᵀ with all three GEMMs in FP8. apply(x, weight, options, name, telemetry, input_again):
+    with ``input_again`` the FP8 input is not kept (see Fp8GroupedLinearFunction)."""
 
     @staticmethod
-    def forward(ctx, x, weight, opts: Fp8Options, name: str, telemetry: Fp8Telemetry | None):
+    def forward(ctx, x, weight, opts: Fp8Options, name: str, telemetry: Fp8Telemetry | None,
+                input_again: Callable[[], torch.Tensor] | None = None):
         k, out_dtype = opts.kernels, compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])
         with torch.autocast(x.device.type, enabled=False):
@@ -136,6 +138,9 @@ class Fp8LinearFunction(torch.autograd.Function):
         if sampled:
             telemetry.record("input", x2, qx, ACT)
             telemetry.record("weight", w, qw, WEIGHT)
+        ctx.input_again = input_again
+        if input_again is not None:
+            qx = sx = qx.new_empty(0)  # a new storage: a view would keep the FP8 input alive
         ctx.save_for_backward(qx, sx, weight)
         ctx.weight = weight  # the parameter object itself, whose .grad dW goes into (a saved tensor may be a copy)
         ctx.opts, ctx.name, ctx.x_shape, ctx.x_dtype = opts, name, x.shape, x.dtype
@@ -158,16 +163,20 @@ class Fp8LinearFunction(torch.autograd.Function):
                 if ctx.telemetry is not None:
                     ctx.telemetry.record("grad", dy, qg, ACT)
             if ctx.needs_input_grad[1]:
+                if ctx.input_again is not None:
+                    x = ctx.input_again()
+                    qx, sx = x.reshape(-1, x.shape[-1]), None  # _wgrad_operands: tiled once
                 ops = _wgrad_operands(k, dy, qx, sx, opts.pow2_scales, opts.pow2_x, name)
                 grad_w = accumulate_weight_grad(ctx.weight, lambda g, accumulate: write_(
                     g, k.fp8_gemm(*ops, torch.float32, b_block=ACT), accumulate))
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, opts: Fp8Options = Fp8Options(), name: str = "linear",
-               telemetry: Fp8Telemetry | None = None) -> torch.Tensor:
+               telemetry: Fp8Telemetry | None = None,
+               input_again: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """x·weightᵀ (bias-free) with FP8 forward, input-grad and weight-grad GEMMs; x [..., K], weight [N, K]."""
-    return Fp8LinearFunction.apply(x, weight, opts, name, telemetry)
+    return Fp8LinearFunction.apply(x, weight, opts, name, telemetry, input_again)
 
 
 # ---- grouped (routed experts) ---------------------------------------------------------------------------

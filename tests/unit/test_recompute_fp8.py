@@ -2,13 +2,15 @@
 gate and up for the down projection's weight gradient (its FP8 input is not kept); what a layer holds is
 broken down by label and sums to the measured total."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moelib.model import moe
+from moelib.model import mla, mlp, moe
 from moelib.model.recompute import SwiGLUCache, _Fp8GateUp
 from moelib.plan.activations import held_breakdown, held_per_token
 from moelib.precision import fp8
@@ -113,3 +115,32 @@ def test_combine_keeps_expert_outputs_in_fp8_only_the_gate_gradient_changes(monk
     # Per token: top_k bf16 rows of the hidden width become E4M3 plus one fp32 scale per 128-wide tile.
     k, h = CFG.num_experts_per_tok, CFG.hidden_size
     assert old_bytes - new_bytes == k * (2 * h) - k * (h + 4 * -(-h // fp8.TILE))
+
+
+def test_dense_and_shared_down_projections_keep_no_input(monkeypatch):
+    new = {kind: held_per_token(CFG, "fp8-emulated", "selective", kind, seq=16) for kind in ("dense", "moe")}
+    new_dense = run_layer(build("selective", "fp8-emulated"), "dense")
+    real = mlp.swiglu_again
+    monkeypatch.setattr(mlp, "swiglu_again", lambda *a: (real(*a)[0], None))
+    old = {kind: held_per_token(CFG, "fp8-emulated", "selective", kind, seq=16) for kind in ("dense", "moe")}
+    old_dense = run_layer(build("selective", "fp8-emulated"), "dense")
+    assert torch.equal(new_dense[0], old_dense[0]) and torch.equal(new_dense[1], old_dense[1])
+    down = "layers.0.mlp.down_proj.weight"
+    assert all(torch.equal(new_dense[2][k], old_dense[2][k]) for k in old_dense[2] if k != down)
+    rel = float((new_dense[2][down] - old_dense[2][down]).norm() / old_dense[2][down].norm())
+    assert 0 < rel < 2 * E4M3_REL
+    kept = lambda width: width + 4 * -(-width // fp8.TILE)  # E4M3 row + fp32 scale per 128-wide tile
+    assert old["dense"] - new["dense"] == kept(CFG.intermediate_size)
+    assert old["moe"] - new["moe"] == kept(CFG.n_shared_experts * CFG.moe_intermediate_size)
+
+
+def test_attention_keeps_one_fp8_copy_of_its_input_for_both_latent_projections(monkeypatch):
+    new = run_layer(build("selective", "fp8-emulated"), "moe")
+    new_bytes = held_per_token(CFG, "fp8-emulated", "selective", "moe", seq=16)
+    monkeypatch.setattr(mla, "shared_input", lambda x: contextlib.nullcontext())
+    old = run_layer(build("selective", "fp8-emulated"), "moe")
+    old_bytes = held_per_token(CFG, "fp8-emulated", "selective", "moe", seq=16)
+    assert torch.equal(new[0], old[0]) and torch.equal(new[1], old[1])
+    assert all(torch.equal(new[2][k], old[2][k]) for k in old[2])
+    h = CFG.hidden_size
+    assert old_bytes - new_bytes == h + 4 * -(-h // fp8.TILE)
