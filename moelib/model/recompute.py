@@ -9,8 +9,10 @@ no model module, so every model file can import it.
 
 Numerics do not change: a region's backward is the original graph (non-reentrant torch.utils.checkpoint)
 fed with bit-identical recomputed tensors, and the SwiGLU backward is autograd's own on the recomputed
-product. The one exception is deliberate and V3's: SwiGLU inputs cached in FP8 give gradients computed
-from the FP8-rounded gate and up (the forward is unchanged).
+product. The one exception is deliberate and V3's (REFERENCE §4 "Storage"): with SwiGLU inputs cached in FP8,
+gradients are computed from the FP8-rounded gate and up, the down projection's weight gradient from
+SwiGLU's output recomputed from them (that GEMM keeps no input of its own), and the gate weights' gradient
+from the routed experts' outputs kept in FP8 (``fp8_quantize``); the forward is unchanged.
 
 Side effects are not repeated when a region is recomputed: MoE.finish checks ``recomputing()`` before
 adding expert loads and the aux loss, and FP8 telemetry is not sampled. A recomputed MoE layer under expert
