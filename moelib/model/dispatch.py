@@ -85,4 +85,4 @@ class LocalDispatcher(Dispatcher):
         rows = gather_tokens(x, pair // top_k, layout.padding, pos, top_k)
         # Back per (token, slot): the layout read in token order.
         out = take_rows(experts.compute(rows, layout.counts), pos, pair, layout.padding)
-        return weighted_sum(out.view(x.shape[0], top_k, out.shape[-1]), weights), counts
+        return weighted_sum(out.view(x.shape[0], top_k, out.shape[-1]), weights, experts.output_quantize()), counts

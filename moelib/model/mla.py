@@ -22,6 +22,7 @@ from moelib.model.recompute import checkpoint, keep_attention_core, should_recom
 from moelib.model.rope import apply_rope, softmax_scale
 from moelib.precision.backends import Backend, Linear
 from moelib.precision.fp8 import TILE, dequantize
+from moelib.precision.linear import shared_input
 
 
 class MLA(nn.Module):
@@ -50,8 +51,9 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q_in = self.q_proj(x) if hasattr(self, "q_proj") else self.q_a_proj(x)
-        kv_in = self.kv_a_proj_with_mqa(x)
+        with shared_input(x):  # one FP8 copy of x kept for both projections, as V3's one fused GEMM
+            q_in = self.q_proj(x) if hasattr(self, "q_proj") else self.q_a_proj(x)
+            kv_in = self.kv_a_proj_with_mqa(x)
         if cache is not None:
             out = self.attend_cached(q_in, kv_in, cos, sin, cache)
             return self.o_proj(out.reshape(bsz, seqlen, self.n_heads * self.v_dim))

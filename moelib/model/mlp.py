@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moelib.model.recompute import SwiGLUCache, swiglu
+from moelib.model.recompute import SwiGLUCache, swiglu_again
 from moelib.precision.backends import Backend, Linear
 from moelib.precision.linear import compute_dtype, shared_input
 
@@ -26,4 +26,5 @@ class MLP(nn.Module):
         x = x.to(compute_dtype(x))
         with shared_input(x):
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(swiglu(gate, up, self.recompute_swiglu))
+        hidden, again = swiglu_again(gate, up, self.recompute_swiglu)
+        return self.down_proj(hidden, input_again=again)

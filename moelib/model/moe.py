@@ -16,7 +16,7 @@ from moelib.config import ModelConfig
 from moelib.model.dispatch import LocalDispatcher
 from moelib.model.expert_state import PerExpertStateDict
 from moelib.model.mlp import MLP
-from moelib.model.recompute import SwiGLUCache, recomputing, swiglu
+from moelib.model.recompute import SwiGLUCache, fp8_quantize, recomputing, swiglu_again
 from moelib.model.router import Router, sequence_balance_loss
 from moelib.precision.backends import Backend
 from moelib.precision.linear import compute_dtype
@@ -54,7 +54,15 @@ class GroupedExperts(PerExpertStateDict, nn.Module):
         """The experts on rows already in their layout: x [S, H] grouped as ``counts`` [E], padding (if any)
         included."""
         gate, up = self.backend.grouped_linear(x, self.gate_up_proj, counts, pow2_input=True).chunk(2, dim=-1)
-        return self.backend.grouped_linear(swiglu(gate, up, self.recompute_swiglu), self.down_proj, counts)
+        hidden, again = swiglu_again(gate, up, self.recompute_swiglu)
+        if again is None:  # (inference backends never get one, and need not take it)
+            return self.backend.grouped_linear(hidden, self.down_proj, counts)
+        return self.backend.grouped_linear(hidden, self.down_proj, counts, input_again=again)
+
+    def output_quantize(self):
+        """How a dispatcher keeps these experts' outputs for the combine's weight gradient: in FP8 where
+        SwiGLU's inputs are (``moelib.model.recompute.fp8_quantize``), else as they are (None)."""
+        return fp8_quantize(self.recompute_swiglu)
 
     def expert_weights(self, e: int) -> dict[str, torch.Tensor]:
         return {"gate_proj": self.gate_up_proj[e, : self.inter], "up_proj": self.gate_up_proj[e, self.inter:],

@@ -9,8 +9,10 @@ no model module, so every model file can import it.
 
 Numerics do not change: a region's backward is the original graph (non-reentrant torch.utils.checkpoint)
 fed with bit-identical recomputed tensors, and the SwiGLU backward is autograd's own on the recomputed
-product. The one exception is deliberate and V3's: SwiGLU inputs cached in FP8 give gradients computed
-from the FP8-rounded gate and up (the forward is unchanged).
+product. The one exception is deliberate and V3's (REFERENCE §4 "Storage"): with SwiGLU inputs cached in FP8,
+gradients are computed from the FP8-rounded gate and up, the down projection's weight gradient from
+SwiGLU's output recomputed from them (that GEMM keeps no input of its own), and the gate weights' gradient
+from the routed experts' outputs kept in FP8 (``fp8_quantize``); the forward is unchanged.
 
 Side effects are not repeated when a region is recomputed: MoE.finish checks ``recomputing()`` before
 adding expert loads and the aux loss, and FP8 telemetry is not sampled. A recomputed MoE layer under expert
@@ -108,41 +110,71 @@ class SwiGLUCache:
     pow2_scale: bool = False
 
 
+class _Fp8GateUp:
+    """Gate and up in E4M3 (1×128 tiles): what a recomputed SwiGLU keeps, read again by its backward and by
+    the next GEMM's (``output``: V3 recomputes SwiGLU's output for the down projection's weight gradient
+    instead of keeping that GEMM's FP8 input too)."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, cache: SwiGLUCache):
+        self.meta = [(t.shape, t.dtype) for t in (gate, up)]
+        self.saved = []
+        for t, name in ((gate, "SwiGLU gate"), (up, "SwiGLU up")):
+            self.saved.append(cache.quantize(t.reshape(-1, t.shape[-1]), (1, fp8.TILE),
+                                             pow2_scale=cache.pow2_scale, name=name))
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(fp8.dequantize(data, scale, (1, fp8.TILE), dtype).view(shape)
+                     for (data, scale), (shape, dtype) in zip(self.saved, self.meta))
+
+    def output(self) -> torch.Tensor:
+        gate, up = self.inputs()
+        return F.silu(gate) * up
+
+
 class _RecomputedSwiGLU(torch.autograd.Function):
-    """silu(gate) * up keeping only gate and up; backward recomputes the product and runs autograd on it."""
+    """silu(gate) * up keeping only gate and up (``kept`` gets the _Fp8GateUp when they are kept in FP8);
+    backward recomputes the product and runs autograd on it."""
 
     @staticmethod
-    def forward(ctx, gate, up, cache: SwiGLUCache):
+    def forward(ctx, gate, up, cache: SwiGLUCache, kept: list):
         out = F.silu(gate) * up
         ctx.fp8 = cache.quantize is not None and gate.numel() > 0
         if ctx.fp8:
-            ctx.meta = [(t.shape, t.dtype) for t in (gate, up)]
-            saved = []
-            for t, name in ((gate, "SwiGLU gate"), (up, "SwiGLU up")):
-                saved += cache.quantize(t.reshape(-1, t.shape[-1]), (1, fp8.TILE), pow2_scale=cache.pow2_scale,
-                                        name=name)
-            ctx.save_for_backward(*saved)
+            ctx.gate_up = _Fp8GateUp(gate, up, cache)
+            kept.append(ctx.gate_up)
         else:
             ctx.save_for_backward(gate, up)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        saved = ctx.saved_tensors
-        if ctx.fp8:
-            gate, up = (fp8.dequantize(data, scale, (1, fp8.TILE), dtype).view(shape)
-                        for data, scale, (shape, dtype) in zip(saved[0::2], saved[1::2], ctx.meta))
-        else:
-            gate, up = saved
+        gate, up = ctx.gate_up.inputs() if ctx.fp8 else ctx.saved_tensors
         with torch.enable_grad():
             gate, up = gate.detach().requires_grad_(), up.detach().requires_grad_()
             out = F.silu(gate) * up
         grad_gate, grad_up = torch.autograd.grad(out, (gate, up), grad)
-        return grad_gate, grad_up, None
+        return grad_gate, grad_up, None, None
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, cache: SwiGLUCache | None = None) -> torch.Tensor:
     """silu(gate) * up; with ``cache`` (set by the recompute policy) only gate and up are kept for backward."""
+    return swiglu_again(gate, up, cache)[0]
+
+
+def swiglu_again(gate: torch.Tensor, up: torch.Tensor,
+                 cache: SwiGLUCache | None = None) -> tuple[torch.Tensor, Callable[[], torch.Tensor] | None]:
+    """(``swiglu(gate, up, cache)``, a function recomputing it from the FP8 copies of gate and up when they
+    are kept so, else None): the next GEMM may keep that function instead of its input."""
     if should_recompute(cache is not None):
-        return _RecomputedSwiGLU.apply(gate, up, cache)
-    return F.silu(gate) * up
+        kept: list[_Fp8GateUp] = []
+        out = _RecomputedSwiGLU.apply(gate, up, cache, kept)
+        return out, (kept[0].output if kept else None)
+    return F.silu(gate) * up, None
+
+
+def fp8_quantize(cache: SwiGLUCache | None) -> Callable | None:
+    """The FP8 quantise (with the cache's scale rounding) under which more of a recomputing module's
+    activations are kept in E4M3 (the routed experts' outputs for the combine's weight gradient), or None."""
+    if should_recompute(cache is not None and cache.quantize is not None):
+        return functools.partial(cache.quantize, pow2_scale=cache.pow2_scale)
+    return None

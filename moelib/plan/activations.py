@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -81,8 +82,69 @@ def configure(model, mode: str):
     return apply_recompute(model, "selective" if exact else mode, fp8_swiglu_cache=False if exact else None)
 
 
-def held_per_token(cfg: ModelConfig, backend: str, recompute: str, kind: str, seq: int, seed: int = 1234) -> float:
-    """Bytes per token that backward holds for the first ``kind`` ("dense" or "moe") layer of ``cfg``."""
+class HeldBreakdown(LiveStorages):
+    """LiveStorages that also labels each storage by the module whose forward made it (its name inside the
+    layer), the innermost moelib function that made it (with its ``name`` argument, where it has one: which
+    Linear an FP8 input belongs to) and its dtype; ``live_by_label()`` sums the live bytes per label."""
+
+    def __init__(self, model: torch.nn.Module, layer: torch.nn.Module):
+        super().__init__(model)
+        self.labels: dict[int, tuple[str, str, str]] = {}
+        self.stack: list[str] = ["(layer)"]
+        self.handles = []
+        for name, module in layer.named_modules():
+            self.handles.append(module.register_forward_pre_hook(functools.partial(self._enter, name or "(layer)")))
+            self.handles.append(module.register_forward_hook(self._leave))
+
+    def _enter(self, name: str, module, args) -> None:
+        self.stack.append(name)
+
+    def _leave(self, module, args, output) -> None:
+        self.stack.pop()
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        return super().__exit__(*exc)
+
+    def add(self, t: torch.Tensor) -> None:
+        super().add(t)
+        key = t.untyped_storage()._cdata
+        if key in self.refs and key not in self.labels:
+            self.labels[key] = (self.stack[-1], _site(), str(t.dtype).replace("torch.", ""))
+
+    def live_by_label(self, exclude: tuple[torch.Tensor, ...] = ()) -> dict[tuple[str, str, str], int]:
+        self.live()
+        skip = {t.untyped_storage()._cdata for t in exclude}
+        out: dict[tuple[str, str, str], int] = {}
+        for key, (_, n) in self.refs.items():
+            if key not in skip:
+                label = self.labels.get(key, ("?", "?", "?"))
+                out[label] = out.get(label, 0) + n
+        return out
+
+
+_NOT_SITES = ("moelib/precision/fp8.py", "moelib/plan/", "torch/")
+
+
+def _site() -> str:
+    """The innermost moelib function on the stack outside the quantiser and this module, with the ``name``
+    string it was given (if any)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if "moelib/" in path and not any(p in path for p in _NOT_SITES):
+            name = frame.f_locals.get("name")
+            where = frame.f_code.co_qualname
+            named = isinstance(name, str) and not name.startswith("Linear(")  # a Linear's module says which
+            return f"{where}({name})" if named else where
+        frame = frame.f_back
+    return "?"
+
+
+def _measure(cfg: ModelConfig, backend: str, recompute: str, kind: str, seq: int, seed: int,
+             by_label: bool) -> dict[tuple, float]:
+    """Per-token bytes backward holds for the first ``kind`` layer of ``cfg``: {(): total}, or per label."""
     index = 0 if kind == "dense" else cfg.first_k_dense_replace
     small = dataclasses.replace(cfg, num_hidden_layers=cfg.first_k_dense_replace + 1, num_nextn_predict_layers=0,
                                 max_position_embeddings=max(seq, cfg.max_position_embeddings))
@@ -94,14 +156,26 @@ def held_per_token(cfg: ModelConfig, backend: str, recompute: str, kind: str, se
     for batch in (2, 4):
         base = torch.randn(batch, seq, cfg.hidden_size, generator=torch.Generator().manual_seed(seed),
                            requires_grad=True)
-        tracker = LiveStorages(model)
+        tracker = HeldBreakdown(model, layer) if by_label else LiveStorages(model)
         with tracker, model.backend.autocast("cpu"):
             hidden = base.clone()  # made here so that it is counted if (and only if) the layer keeps it
             out = layer(hidden, cos, sin)
             del hidden
-        held.append(tracker.live(exclude=(out,)))
+        held.append(tracker.live_by_label(exclude=(out,)) if by_label else {(): tracker.live(exclude=(out,))})
         out.float().sum().backward()  # frees the graph
-    return (held[1] - held[0]) / (2 * seq)
+    return {k: (held[1].get(k, 0) - held[0].get(k, 0)) / (2 * seq) for k in held[0].keys() | held[1].keys()}
+
+
+def held_per_token(cfg: ModelConfig, backend: str, recompute: str, kind: str, seq: int, seed: int = 1234) -> float:
+    """Bytes per token that backward holds for the first ``kind`` ("dense" or "moe") layer of ``cfg``."""
+    return _measure(cfg, backend, recompute, kind, seq, seed, by_label=False)[()]
+
+
+def held_breakdown(cfg: ModelConfig, backend: str, recompute: str, kind: str, seq: int,
+                   seed: int = 1234) -> dict[tuple[str, str, str, int], float]:
+    """Bytes per token backward holds for the first ``kind`` layer, per (module inside the layer, function
+    that made the storage, dtype) (see HeldBreakdown); the values sum to ``held_per_token``."""
+    return {k: v for k, v in _measure(cfg, backend, recompute, kind, seq, seed, by_label=True).items() if v}
 
 
 def proxy(cfg: ModelConfig, k: int) -> ModelConfig:
@@ -136,9 +210,7 @@ def _layer_bytes_cached(cfg_json: str, backend: str, recompute: str, seq: int) -
     for kind in ("dense", "moe"):
         b1 = held_per_token(proxy(cfg, k1), backend, recompute, kind, seq)
         b2 = held_per_token(proxy(cfg, k2), backend, recompute, kind, seq)
-        # bytes = A / k + C through (1/k1, b1) and (1/k2, b2), at 1/k = 1
-        slope = (b1 - b2) / (1 / k1 - 1 / k2)
-        out.append(b2 + slope * (1 - 1 / k2))
+        out.append(_extrapolate(b1, b2, k1, k2))
     return out[0], out[1]
 
 
@@ -147,3 +219,19 @@ def layer_bytes_per_token(cfg: ModelConfig, backend: str, recompute: str, seq: i
     this precision backend and recompute mode, extrapolated from two shrunken proxies of the real layer."""
     dense, moe = _layer_bytes_cached(json.dumps(cfg.to_dict(), sort_keys=True), backend, recompute, seq)
     return {"dense": dense, "moe": moe}
+
+
+def _extrapolate(b1: float, b2: float, k1: int, k2: int) -> float:
+    """bytes = A / k + C through (1/k1, b1) and (1/k2, b2), at 1/k = 1."""
+    slope = (b1 - b2) / (1 / k1 - 1 / k2)
+    return b2 + slope * (1 - 1 / k2)
+
+
+def layer_breakdown_per_token(cfg: ModelConfig, backend: str, recompute: str, kind: str,
+                              seq: int) -> dict[tuple[str, str, str], float]:
+    """``held_breakdown`` of one ``kind`` layer of ``cfg`` extrapolated from its two proxies, label by label."""
+    k1, k2 = proxy_factors(cfg)
+    b1 = held_breakdown(proxy(cfg, k1), backend, recompute, kind, seq)
+    b2 = held_breakdown(proxy(cfg, k2), backend, recompute, kind, seq)
+    out = {k: _extrapolate(b1.get(k, 0.0), b2.get(k, 0.0), k1, k2) for k in b1.keys() | b2.keys()}
+    return {k: v for k, v in out.items() if round(v)}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -46,11 +46,15 @@ class Backend:
         self.compute_dtype = torch.float32 if cfg.backend == "fp32" else torch.bfloat16
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, *, pow2_input: bool = False,
-               name: str = "linear") -> torch.Tensor:
+               name: str = "linear", input_again: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """``input_again``: a function recomputing x in backward; a backend may keep less instead of x (FP8
+        ones do: the weight-grad GEMM quantises the recomputed x)."""
         return linear(x, weight)
 
     def grouped_linear(self, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, *,
-                       pow2_input: bool = False, name: str = "experts") -> torch.Tensor:
+                       pow2_input: bool = False, name: str = "experts",
+                       input_again: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """As ``linear``, for experts' rows grouped by ``counts``."""
         return grouped_linear(x, weight, counts)
 
     def expert_row_multiple(self, x: torch.Tensor) -> int:
@@ -82,15 +86,17 @@ class Fp8Backend(Backend):
         return telemetry_for(weight, self.cfg.telemetry_interval, self.cfg.amax_history_len)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, *, pow2_input: bool = False,
-               name: str = "linear") -> torch.Tensor:
-        return fp8_linear(x, weight, self.options(pow2_input), name, self.telemetry(weight))
+               name: str = "linear", input_again: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        return fp8_linear(x, weight, self.options(pow2_input), name, self.telemetry(weight), input_again)
 
     def expert_row_multiple(self, x: torch.Tensor) -> int:
         return 1  # FP8 GEMMs are emulated in fp32 or run by Triton/TE kernels, which do not rebuild per shape
 
     def grouped_linear(self, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, *,
-                       pow2_input: bool = False, name: str = "experts") -> torch.Tensor:
-        return fp8_grouped_linear(x, weight, counts, self.options(pow2_input), name, self.telemetry(weight))
+                       pow2_input: bool = False, name: str = "experts",
+                       input_again: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        return fp8_grouped_linear(x, weight, counts, self.options(pow2_input), name, self.telemetry(weight),
+                                  input_again)
 
 
 class TeBackend(Fp8Backend):
@@ -106,8 +112,8 @@ class TeBackend(Fp8Backend):
         self._recipe = te.make_recipe(cfg.pow2_scales)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, *, pow2_input: bool = False,
-               name: str = "linear") -> torch.Tensor:
-        return self._linears(x, weight)
+               name: str = "linear", input_again: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        return self._linears(x, weight)  # TE keeps its own FP8 copy of x
 
     @contextlib.contextmanager
     def autocast(self, device_type: str = "cuda") -> Iterator[None]:
@@ -163,8 +169,11 @@ class Linear(nn.Module):
         self.name = f"Linear({in_features}->{out_features})"
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backend.linear(x, self.weight, pow2_input=self.pow2_input, name=self.name)
+    def forward(self, x: torch.Tensor, input_again: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """x·weightᵀ; ``input_again`` (see Backend.linear) lets an FP8 backend keep no copy of x."""
+        # Passed only when given: backends that never train (moelib.inference's) need not take it.
+        again = {} if input_again is None else {"input_again": input_again}
+        return self.backend.linear(x, self.weight, pow2_input=self.pow2_input, name=self.name, **again)
 
     def extra_repr(self) -> str:
         pow2 = ", pow2_input" if self.pow2_input else ""

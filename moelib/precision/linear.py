@@ -77,11 +77,15 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def _wgrad_operands(k: Fp8Kernels, dy: torch.Tensor, qx: torch.Tensor, sx: torch.Tensor, pow2_dy: bool,
+def _wgrad_operands(k: Fp8Kernels, dy: torch.Tensor, qx: torch.Tensor, sx: torch.Tensor | None, pow2_dy: bool,
                     pow2_x: bool, name: str) -> tuple[torch.Tensor, ...]:
-    """dYᵀ and Xᵀ in 1×128 tiles along tokens: the weight-grad GEMM contracts over them."""
+    """dYᵀ and Xᵀ in 1×128 tiles along tokens: the weight-grad GEMM contracts over them. X is the forward's
+    FP8 copy (qx, sx), re-tiled, or (sx None) an input recomputed in high precision, tiled once."""
     qg, sg = k.quantize_transposed(dy, pow2_scale=pow2_dy, name=f"{name} output gradient")
-    qxt, sxt = k.requantize_transposed(qx, sx, ACT, pow2_scale=pow2_x, name=f"{name} input")
+    if sx is None:
+        qxt, sxt = k.quantize_transposed(qx, pow2_scale=pow2_x, name=f"{name} input")
+    else:
+        qxt, sxt = k.requantize_transposed(qx, sx, ACT, pow2_scale=pow2_x, name=f"{name} input")
     return qg, sg, qxt, sxt
 
 
@@ -117,10 +121,12 @@ def _quantize_input(k: Fp8Kernels, x: torch.Tensor, x2: torch.Tensor, pow2: bool
 
 
 class Fp8LinearFunction(torch.autograd.Function):
-    """y = x·weightᵀ with all three GEMMs in FP8. apply(x, weight, options, name, telemetry)."""
+    """y = x·weightᵀ with all three GEMMs in FP8. apply(x, weight, options, name, telemetry, input_again):
+    with ``input_again`` the FP8 input is not kept (see Fp8GroupedLinearFunction)."""
 
     @staticmethod
-    def forward(ctx, x, weight, opts: Fp8Options, name: str, telemetry: Fp8Telemetry | None):
+    def forward(ctx, x, weight, opts: Fp8Options, name: str, telemetry: Fp8Telemetry | None,
+                input_again: Callable[[], torch.Tensor] | None = None):
         k, out_dtype = opts.kernels, compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])
         with torch.autocast(x.device.type, enabled=False):
@@ -132,6 +138,9 @@ class Fp8LinearFunction(torch.autograd.Function):
         if sampled:
             telemetry.record("input", x2, qx, ACT)
             telemetry.record("weight", w, qw, WEIGHT)
+        ctx.input_again = input_again
+        if input_again is not None:
+            qx = sx = qx.new_empty(0)  # a new storage: a view would keep the FP8 input alive
         ctx.save_for_backward(qx, sx, weight)
         ctx.weight = weight  # the parameter object itself, whose .grad dW goes into (a saved tensor may be a copy)
         ctx.opts, ctx.name, ctx.x_shape, ctx.x_dtype = opts, name, x.shape, x.dtype
@@ -154,16 +163,20 @@ class Fp8LinearFunction(torch.autograd.Function):
                 if ctx.telemetry is not None:
                     ctx.telemetry.record("grad", dy, qg, ACT)
             if ctx.needs_input_grad[1]:
+                if ctx.input_again is not None:
+                    x = ctx.input_again()
+                    qx, sx = x.reshape(-1, x.shape[-1]), None  # _wgrad_operands: tiled once
                 ops = _wgrad_operands(k, dy, qx, sx, opts.pow2_scales, opts.pow2_x, name)
                 grad_w = accumulate_weight_grad(ctx.weight, lambda g, accumulate: write_(
                     g, k.fp8_gemm(*ops, torch.float32, b_block=ACT), accumulate))
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, opts: Fp8Options = Fp8Options(), name: str = "linear",
-               telemetry: Fp8Telemetry | None = None) -> torch.Tensor:
+               telemetry: Fp8Telemetry | None = None,
+               input_again: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """x·weightᵀ (bias-free) with FP8 forward, input-grad and weight-grad GEMMs; x [..., K], weight [N, K]."""
-    return Fp8LinearFunction.apply(x, weight, opts, name, telemetry)
+    return Fp8LinearFunction.apply(x, weight, opts, name, telemetry, input_again)
 
 
 # ---- grouped (routed experts) ---------------------------------------------------------------------------
@@ -193,13 +206,16 @@ def _quantized_experts(k: Fp8Kernels, w: torch.Tensor, pow2: bool, name: str) ->
 class Fp8GroupedLinearFunction(torch.autograd.Function):
     """Routed experts' y[rows of e] = x[rows of e]·weight[e]ᵀ, all three GEMMs in FP8.
 
-    apply(x [S, K] sorted by expert, weight [E, N, K], counts [E], options, name, telemetry). The forward
-    and input-grad GEMMs are one grouped GEMM each; the weight-grad GEMM loops over experts, because each
-    expert's tokens must be re-tiled along tokens on their own (a tile may not straddle two experts).
+    apply(x [S, K] sorted by expert, weight [E, N, K], counts [E], options, name, telemetry, input_again). The
+    forward and input-grad GEMMs are one grouped GEMM each; the weight-grad GEMM loops over experts, because
+    each expert's tokens must be re-tiled along tokens on their own (a tile may not straddle two experts).
+    With ``input_again`` (a function returning x again, e.g. SwiGLU's output recomputed from its FP8-cached
+    inputs, as V3 does) the FP8 input is not kept: the weight-grad GEMM tiles the recomputed x instead.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, counts, opts: Fp8Options, name: str, telemetry: Fp8Telemetry | None):
+    def forward(ctx, x, weight, counts, opts: Fp8Options, name: str, telemetry: Fp8Telemetry | None,
+                input_again: Callable[[], torch.Tensor] | None = None):
         k, out_dtype = opts.kernels, compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             qx, sx = k.quantize(x, ACT, pow2_scale=opts.pow2_x, name=f"{name} input")
@@ -210,6 +226,9 @@ class Fp8GroupedLinearFunction(torch.autograd.Function):
         if sampled:
             telemetry.record("input", x, qx, ACT)
             telemetry.record("weight", w, qw, WEIGHT)
+        ctx.input_again = input_again
+        if input_again is not None:
+            qx = sx = qx.new_empty(0)  # a new storage: a view would keep the FP8 input alive
         ctx.save_for_backward(qx, sx, weight, counts)
         ctx.weight = weight
         ctx.opts, ctx.name, ctx.x_dtype = opts, name, x.dtype
@@ -219,6 +238,8 @@ class Fp8GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         qx, sx, weight, counts = ctx.saved_tensors
+        if ctx.input_again is not None and ctx.needs_input_grad[1]:
+            qx, sx = ctx.input_again(), None  # _wgrad_operands: x in high precision, tiled once
         opts, name = ctx.opts, ctx.name
         k = opts.kernels
         dy = dy.contiguous()
@@ -234,8 +255,8 @@ class Fp8GroupedLinearFunction(torch.autograd.Function):
                 groups, start = [], 0  # per expert: its dW operands, None without tokens
                 for size in counts.tolist():
                     rows = slice(start, start + size)
-                    groups.append(_wgrad_operands(k, dy[rows], qx[rows], sx[rows], opts.pow2_scales, opts.pow2_x,
-                                                  name) if size else None)
+                    groups.append(_wgrad_operands(k, dy[rows], qx[rows], None if sx is None else sx[rows],
+                                                  opts.pow2_scales, opts.pow2_x, name) if size else None)
                     start += size
 
                 def write_weight_grad(grad_w: torch.Tensor, accumulate: bool) -> None:
@@ -246,11 +267,12 @@ class Fp8GroupedLinearFunction(torch.autograd.Function):
                             grad_w[e].zero_()  # an expert without tokens
 
                 grad_w = accumulate_weight_grad(ctx.weight, write_weight_grad)
-        return grad_x, grad_w, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None
 
 
 def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
                        opts: Fp8Options = Fp8Options(), name: str = "experts",
-                       telemetry: Fp8Telemetry | None = None) -> torch.Tensor:
+                       telemetry: Fp8Telemetry | None = None,
+                       input_again: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """Grouped FP8 Linear over experts' contiguous token groups (see Fp8GroupedLinearFunction)."""
-    return Fp8GroupedLinearFunction.apply(x, weight, counts, opts, name, telemetry)
+    return Fp8GroupedLinearFunction.apply(x, weight, counts, opts, name, telemetry, input_again)

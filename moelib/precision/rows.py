@@ -14,9 +14,12 @@ moelib.parallel.expert_parallel) use these to move tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from moelib.precision import fp8
 
 
 @dataclass
@@ -112,11 +115,18 @@ def sum_slots(v: torch.Tensor) -> torch.Tensor:
 class _WeightedSum(torch.autograd.Function):
     """sum_k w[:, k] * y[:, k] for y [N, k, H] and w [N, k] of y's dtype, accumulated in fp32 and rounded
     once, as the batched GEMM w[:, None] @ y computes it; one pass per slot instead of
-    thousands of [1, k] @ [k, H] GEMMs, which are slower on CPU."""
+    thousands of [1, k] @ [k, H] GEMMs, which are slower on CPU. y is kept only for w's gradient
+    (<grad, y_k>): with ``quantize`` (an FP8 kernels' quantise), as E4M3 in 1×128 tiles."""
 
     @staticmethod
-    def forward(ctx, y, w):
-        ctx.save_for_backward(y, w)
+    def forward(ctx, y, w, quantize):
+        ctx.fp8 = quantize is not None and y.numel() > 0
+        if ctx.fp8:
+            ctx.y_meta = y.shape, y.dtype
+            ctx.save_for_backward(*quantize(y.reshape(-1, y.shape[-1]), (1, fp8.TILE),
+                                            name="routed expert outputs"), w)
+        else:
+            ctx.save_for_backward(y, w)
         acc = y[:, 0].to(torch.float32, copy=True).mul_(w[:, :1])
         for j in range(1, y.shape[1]):
             acc.addcmul_(y[:, j], w[:, j:j + 1])
@@ -124,15 +134,21 @@ class _WeightedSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        y, w = ctx.saved_tensors
+        if ctx.fp8:
+            data, scale, w = ctx.saved_tensors
+            shape, dtype = ctx.y_meta
+            y = fp8.dequantize(data, scale, (1, fp8.TILE), dtype).view(shape)
+        else:
+            y, w = ctx.saved_tensors
         grad_y = grad.unsqueeze(1) * w.unsqueeze(-1) if ctx.needs_input_grad[0] else None
         grad_w = torch.bmm(y, grad.unsqueeze(-1)).squeeze(-1) if ctx.needs_input_grad[1] else None
-        return grad_y, grad_w
+        return grad_y, grad_w, None
 
 
-def weighted_sum(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """y [N, k, H], weights [N, k] -> sum_k weights_k * y_k, [N, H] in y's dtype (weights rounded to it)."""
-    return _WeightedSum.apply(y, weights.to(y.dtype))
+def weighted_sum(y: torch.Tensor, weights: torch.Tensor, quantize: Callable | None = None) -> torch.Tensor:
+    """y [N, k, H], weights [N, k] -> sum_k weights_k * y_k, [N, H] in y's dtype (weights rounded to it).
+    ``quantize``: keep y for the weights' gradient in FP8 (see _WeightedSum)."""
+    return _WeightedSum.apply(y, weights.to(y.dtype), quantize)
 
 
 def pad_rows(x: torch.Tensor, layout: PaddedRows) -> torch.Tensor:

@@ -35,7 +35,7 @@ import torch
 
 from moelib import ModelConfig
 from moelib.model import build_model
-from moelib.plan.activations import LiveStorages, configure
+from moelib.plan.activations import LiveStorages, configure, held_breakdown, layer_breakdown_per_token
 from moelib.precision.backends import name_linears
 
 CONFIGS = (("bf16", "none"), ("bf16", "selective"), ("bf16", "full"),
@@ -51,6 +51,9 @@ def add_args(p) -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--time-reps", type=int, default=2, help="timed forward+backward steps per configuration")
+    p.add_argument("--scale-to", default="v3-671b",
+                   help="also break the MoE layer down at this preset's shapes (extrapolated as the planner does; "
+                        "'' for none)")
 
 
 def variant(args) -> str:
@@ -141,10 +144,31 @@ def run_preset(preset: str, args) -> dict:
             m[f"ratio_{what}"] = m[what] / base_model[what]
         if m["step_s"] and base["step_s"]:
             m["time_vs_no_recompute"] = m["step_s"] / base["step_s"]
+    out["breakdown"] = breakdown(held_breakdown(cfg, *BREAKDOWN, "moe", args.seq))
     fp8_sel = out["layers"]["fp8-emulated/selective"]
     out["target"] = {kind: {"ratio": fp8_sel[kind]["ratio_held"], "target": TARGET,
                             "met": fp8_sel[kind]["ratio_held"] <= TARGET} for kind in layers}
     return out
+
+
+BREAKDOWN = ("fp8-emulated", "selective")
+
+
+def breakdown(parts: dict) -> list[dict]:
+    """held_breakdown's labels as rows, largest first."""
+    rows = [{"module": m, "made_by": site, "dtype": dtype, "bytes_per_token": b}
+            for (m, site, dtype), b in parts.items()]
+    return sorted(rows, key=lambda r: -r["bytes_per_token"])
+
+
+def print_breakdown(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}: what backward holds per token, {'/'.join(BREAKDOWN)}, by the module and function that made it")
+    print(f"{'bytes':>9} {'elements':>9} {'dtype':<14} {'module':<34} made by")
+    for r in rows:
+        size = torch.empty((), dtype=getattr(torch, r["dtype"])).element_size() if r["dtype"] != "?" else 1
+        print(f"{r['bytes_per_token']:9.0f} {r['bytes_per_token'] / size:9.0f} {r['dtype']:<14} {r['module']:<34} "
+              f"{r['made_by']}")
+    print(f"{sum(r['bytes_per_token'] for r in rows):9.0f} total")
 
 
 def print_preset(preset: str, r: dict, args) -> None:
@@ -163,6 +187,7 @@ def print_preset(preset: str, r: dict, args) -> None:
         print(f"{key:<32} {m['held'] / 2**20:7.1f} {m['ratio_held']:6.3f} {m['peak'] / 2**20:7.1f} "
               f"{m['ratio_peak']:6.3f} {m['held_per_token']:9.0f} {m['ratio_held_per_token']:6.3f} "
               f"{m['peak_per_token']:9.0f} {m['ratio_peak_per_token']:6.3f} {step}")
+    print_breakdown(f"{preset} MoE layer", r["breakdown"])
     for kind, t in r["target"].items():
         print(f"{preset} {kind} layer: fp8-emulated/selective held / bf16/none = {t['ratio']:.3f} "
               f"(target <= {TARGET}: {'met' if t['met'] else 'NOT met'})")
@@ -176,4 +201,10 @@ def run(args) -> dict:
         results[preset] = run_preset(preset, args)
         results[preset]["seconds"] = time.perf_counter() - start
         print_preset(preset, results[preset], args)
-    return {"batch": args.batch, "seq": args.seq, "baseline": BASELINE, "target": TARGET, "presets": results}
+    scaled = None
+    if args.scale_to:
+        cfg = ModelConfig.from_preset(args.scale_to)
+        scaled = breakdown(layer_breakdown_per_token(cfg, *BREAKDOWN, "moe", args.seq))
+        print_breakdown(f"{args.scale_to} MoE layer (extrapolated from two shrunken proxies)", scaled)
+    return {"breakdown_scaled": {"preset": args.scale_to, "rows": scaled},
+            "batch": args.batch, "seq": args.seq, "baseline": BASELINE, "target": TARGET, "presets": results}
