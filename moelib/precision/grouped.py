@@ -156,5 +156,7 @@ class _Linear(torch.autograd.Function):
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y = x @ weight.T in the autocast dtype (or x's), with a deferrable weight gradient."""
     dtype = compute_dtype(x)
+    if not torch.is_grad_enabled():  # inference: a plain GEMM
+        return F.linear(x.to(dtype), weight_cache.cast(weight, dtype))
     with torch.autocast(x.device.type, enabled=False):
         return _Linear.apply(x, weight, dtype)

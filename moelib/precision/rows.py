@@ -117,10 +117,7 @@ class _WeightedSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, w):
         ctx.save_for_backward(y, w)
-        acc = y[:, 0].to(torch.float32, copy=True).mul_(w[:, :1])
-        for j in range(1, y.shape[1]):
-            acc.addcmul_(y[:, j], w[:, j:j + 1])
-        return acc.to(y.dtype)
+        return _weighted_sum(y, w)
 
     @staticmethod
     def backward(ctx, grad):
@@ -130,8 +127,17 @@ class _WeightedSum(torch.autograd.Function):
         return grad_y, grad_w
 
 
+def _weighted_sum(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    acc = y[:, 0].to(torch.float32, copy=True).mul_(w[:, :1])
+    for j in range(1, y.shape[1]):
+        acc.addcmul_(y[:, j], w[:, j:j + 1])
+    return acc.to(y.dtype)
+
+
 def weighted_sum(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """y [N, k, H], weights [N, k] -> sum_k weights_k * y_k, [N, H] in y's dtype (weights rounded to it)."""
+    if not torch.is_grad_enabled():
+        return _weighted_sum(y, weights.to(y.dtype))
     return _WeightedSum.apply(y, weights.to(y.dtype))
 
 
