@@ -26,7 +26,7 @@ class KVCache:
         self.absorb = absorb
         self.length = 0      # slots filled (the same for every sequence)
         self._new = 0        # tokens of the forward in progress
-        self.bias: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None  # [B, t, S] to add to the scores: 0 where seen, -inf where not
 
     @property
     def max_len(self) -> int:
@@ -51,7 +51,7 @@ class KVCache:
         real_key = keys[None, :] >= self.pad[:, None]                             # [B, S]
         # A padding query sees itself only, so its (discarded) row stays finite.
         visible = causal & (real_key[:, None, :] | (keys[None, :] == slots[:, None]))
-        self.bias = torch.zeros(visible.shape, device=self.pad.device).masked_fill_(~visible, float("-inf"))
+        self.mask = torch.zeros(visible.shape, device=self.pad.device).masked_fill_(~visible, float("-inf"))
         return (slots[None, :] - self.pad[:, None]).clamp(min=0)
 
     def layer(self, i: int) -> _LayerCache:
@@ -82,4 +82,4 @@ class _LayerCache:
         rows = c.latent[self.i, :, start:start + c._new]
         rows[..., :self.rank] = c_kv
         rows[..., self.rank:] = k_pe
-        return c.latent[self.i, :, :start + c._new], c.bias
+        return c.latent[self.i, :, :start + c._new], c.mask

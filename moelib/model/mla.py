@@ -5,9 +5,10 @@ shared by all heads, so an inference cache holds kv_lora_rank + qk_rope_head_dim
 Queries come from their own low-rank latent (or a plain projection when q_lora_rank is None).
 
 At inference ``forward`` takes one layer's view of a KV cache (moelib.inference.cache) holding only the
-normalised c_kv and the rotated k_pe. Its ``update(c_kv, k_pe)`` stores this call's tokens and returns all
-cached ones with the visibility mask [B, T, S]; its ``absorb`` picks the attention path: absorbed (W_UK
-folded into the query, W_UV applied after attention, as V2 §2.1) or naive (K and V rebuilt, the reference).
+normalised c_kv and the rotated k_pe. Its ``update(c_kv, k_pe)`` stores this call's tokens and returns every
+cached token's [c_kv; k_pe] with the additive mask [B, T, S]; its ``absorb`` picks the attention path: absorbed
+(W_UK folded into the query, W_UV applied after attention, as V2 §2.1) or naive (K and V rebuilt, the
+reference).
 """
 
 from __future__ import annotations

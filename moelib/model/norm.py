@@ -55,7 +55,7 @@ class RMSNorm(nn.Module):
         fused = apex.fused_rms_norm(x, self.weight, self.eps)
         if fused is not None:
             return fused
-        if not torch.is_grad_enabled():  # inference: torch's own kernel for x·rsqrt(mean(x²) + eps)
+        if not torch.is_grad_enabled():  # inference: torch's rms_norm gives the same x·rsqrt(mean(x²) + eps)
             return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
         return _RMSNorm.apply(x, self.weight, self.eps)
 
