@@ -1,5 +1,5 @@
 """The MLA KV cache: per layer only the normalised latent c_kv (kv_lora_rank) and the rotated RoPE key k_pe
-(qk_rope_head_dim), written at each sequence's next slots.
+(qk_rope_head_dim), side by side in one row per token, written at each sequence's next slots.
 
 Prompts of unequal length are left-padded: sequence b's first ``pad[b]`` slots hold padding that no real
 query sees, and its real tokens sit at positions 0, 1, ... (slot − pad[b]), so every sequence is computed
@@ -17,22 +17,28 @@ from moelib.config import ModelConfig
 class KVCache:
     def __init__(self, num_layers: int, cfg: ModelConfig, batch: int, max_len: int, *, pad: torch.Tensor | None = None,
                  absorb: bool = True, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (num_layers, batch, max_len)
-        self.c_kv = torch.zeros(*shape, cfg.kv_lora_rank, dtype=dtype, device=device)
-        self.k_pe = torch.zeros(*shape, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+        # One row [c_kv; k_pe] per token, as the absorbed path's scores read them (one GEMM for both parts).
+        self.latent = torch.zeros(num_layers, batch, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                                  dtype=dtype, device=device)
+        self.rank = cfg.kv_lora_rank
         self.pad = torch.zeros(batch, dtype=torch.long, device=device) if pad is None else pad.to(device)
+        self.min_pad = int(self.pad.min()) if batch else 0  # on the host: positions are checked without a sync
         self.absorb = absorb
         self.length = 0      # slots filled (the same for every sequence)
         self._new = 0        # tokens of the forward in progress
-        self.visible: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None  # [B, t, S] to add to the scores: 0 where seen, -inf where not
 
     @property
     def max_len(self) -> int:
-        return self.c_kv.shape[2]
+        return self.latent.shape[2]
 
     def bytes_per_token(self) -> int:
         """Cache bytes one token of one sequence takes, summed over layers."""
-        return self.c_kv.shape[0] * (self.c_kv.shape[3] + self.k_pe.shape[3]) * self.c_kv.element_size()
+        return self.latent.shape[0] * self.latent.shape[3] * self.latent.element_size()
+
+    def last_position(self, t: int) -> int:
+        """The largest position the next t tokens take (of the sequence with the least padding)."""
+        return self.length + t - 1 - self.min_pad
 
     def begin(self, t: int) -> torch.Tensor:
         """Positions [B, t] of the next t tokens; also sets the mask the layers' ``update`` returns."""
@@ -44,7 +50,8 @@ class KVCache:
         causal = keys[None, :] <= slots[:, None]                                  # [t, S]
         real_key = keys[None, :] >= self.pad[:, None]                             # [B, S]
         # A padding query sees itself only, so its (discarded) row stays finite.
-        self.visible = causal & (real_key[:, None, :] | (keys[None, :] == slots[:, None]))
+        visible = causal & (real_key[:, None, :] | (keys[None, :] == slots[:, None]))
+        self.mask = torch.zeros(visible.shape, device=self.pad.device).masked_fill_(~visible, float("-inf"))
         return (slots[None, :] - self.pad[:, None]).clamp(min=0)
 
     def layer(self, i: int) -> _LayerCache:
@@ -65,12 +72,14 @@ class _LayerCache:
     def __init__(self, cache: KVCache, i: int):
         self.cache, self.i = cache, i
         self.absorb = cache.absorb
+        self.rank = cache.rank
 
-    def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store the new tokens' c_kv [B, T, rank] and k_pe [B, T, rope]; return all cached c_kv, k_pe and the
-        visibility mask [B, T, S]."""
+    def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' c_kv [B, T, rank] and k_pe [B, T, rope]; return every cached token's
+        [c_kv; k_pe] [B, S, rank + rope] and the mask [B, T, S] to add to the scores (0 where a query sees
+        the key, -inf where not)."""
         c, start = self.cache, self.cache.length
-        end = start + c._new
-        c.c_kv[self.i, :, start:end] = c_kv
-        c.k_pe[self.i, :, start:end] = k_pe
-        return c.c_kv[self.i, :, :end], c.k_pe[self.i, :, :end], c.visible
+        rows = c.latent[self.i, :, start:start + c._new]
+        rows[..., :self.rank] = c_kv
+        rows[..., self.rank:] = k_pe
+        return c.latent[self.i, :, :start + c._new], c.mask

@@ -25,6 +25,11 @@ class SyncedSampler(Sampler):
         dist.broadcast(out, 0)
         return out
 
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        out = super().argmax(logits)
+        dist.broadcast(out, 0)
+        return out
+
     def bernoulli(self, p: torch.Tensor) -> torch.Tensor:
         out = super().bernoulli(p).to(torch.uint8)  # gloo broadcasts no bool tensors
         dist.broadcast(out, 0)

@@ -91,7 +91,9 @@ def decode(model: Transformer, tokens: torch.Tensor, pad: torch.Tensor, max_new_
     forwards, new = 1, []
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     while True:
-        x = sampler.categorical(distribution(model.lm_head(h[:, -1]), temperature, top_k, top_p))
+        logits = model.lm_head(h[:, -1])
+        x = (sampler.argmax(logits) if temperature == 0
+             else sampler.categorical(distribution(logits, temperature, top_k, top_p)))
         new.append(x)
         if stream is not None:
             stream(x[:, None].cpu())
@@ -99,7 +101,7 @@ def decode(model: Transformer, tokens: torch.Tensor, pad: torch.Tensor, max_new_
             done |= x == eos_token_id
         if len(new) == max_new_tokens or bool(done.all()):
             break
-        h = model.cached_hidden_states(x[:, None], cache)
+        h = model.cached_hidden_states(x[:, None], cache, checked=True)
         forwards += 1
     out = torch.stack(new, 1).cpu()
     if out.shape[1] < max_new_tokens:  # every sequence ended early

@@ -54,6 +54,11 @@ class Sampler:
         """One token per row of probs [B, V], as a LongTensor [B]."""
         return torch.multinomial(probs, 1, generator=self.gen).squeeze(-1)
 
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """The greedy token of each row of logits [B, V], as a LongTensor [B]: what ``categorical`` draws
+        from the one-hot ``distribution`` at temperature 0, without the draw."""
+        return logits.argmax(-1)
+
     def bernoulli(self, p: torch.Tensor) -> torch.Tensor:
         """True with probability p (elementwise; p = 1 always, p = 0 never)."""
         return torch.rand(p.shape, generator=self.gen, device=p.device) < p

@@ -77,6 +77,8 @@ class LocalDispatcher(Dispatcher):
         """combine(experts(*dispatch(...))) with the same bits, returning (out [N, H], counts [E]): tokens are
         gathered straight into the experts' padded layout and their outputs straight back per (token, slot),
         two passes over the routed rows fewer each way than dispatching, padding, unpadding and combining."""
+        if few_rows(indices, experts.num_experts):
+            return run_chosen(x, indices, weights, experts)
         order, counts = by_expert(indices, experts.num_experts)
         layout = experts.layout(x, counts)
         top_k = indices.shape[1]
@@ -86,3 +88,21 @@ class LocalDispatcher(Dispatcher):
         # Back per (token, slot): the layout read in token order.
         out = take_rows(experts.compute(rows, layout.counts), pos, pair, layout.padding)
         return weighted_sum(out.view(x.shape[0], top_k, out.shape[-1]), weights, experts.output_quantize()), counts
+
+
+def few_rows(indices: torch.Tensor, num_experts: int) -> bool:
+    """Inference on at most one (token, slot) pair per expert on average (decode, draft verification): most
+    experts get no rows, and padding each chosen one's rows to the backend's multiple would mostly compute
+    zeros."""
+    return not torch.is_grad_enabled() and indices.numel() <= num_experts
+
+
+def run_chosen(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+               experts) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_k weight_k * expert_k(x) [N, H], counts [E]) with only the chosen experts computed, on unpadded
+    rows (the backend's grouped GEMM skips experts without rows); no autograd."""
+    top_k = indices.shape[1]
+    order, counts = by_expert(indices, experts.num_experts)
+    y = experts.compute(x.index_select(0, order // top_k), counts)
+    pairs = torch.empty_like(y).index_copy_(0, order, y)  # back in (token, slot) order
+    return weighted_sum(pairs.view(x.shape[0], top_k, y.shape[-1]), weights), counts

@@ -5,9 +5,10 @@ shared by all heads, so an inference cache holds kv_lora_rank + qk_rope_head_dim
 Queries come from their own low-rank latent (or a plain projection when q_lora_rank is None).
 
 At inference ``forward`` takes one layer's view of a KV cache (moelib.inference.cache) holding only the
-normalised c_kv and the rotated k_pe. Its ``update(c_kv, k_pe)`` stores this call's tokens and returns all
-cached ones with the visibility mask [B, T, S]; its ``absorb`` picks the attention path: absorbed (W_UK
-folded into the query, W_UV applied after attention, as V2 §2.1) or naive (K and V rebuilt, the reference).
+normalised c_kv and the rotated k_pe. Its ``update(c_kv, k_pe)`` stores this call's tokens and returns every
+cached token's [c_kv; k_pe] with the additive mask [B, T, S]; its ``absorb`` picks the attention path: absorbed
+(W_UK folded into the query, W_UV applied after attention, as V2 §2.1) or naive (K and V rebuilt, the
+reference).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from moelib.config import ModelConfig
 from moelib.model.attention import causal_attention
 from moelib.model.norm import RMSNorm
 from moelib.model.recompute import checkpoint, keep_attention_core, should_recompute
-from moelib.model.rope import apply_rope, softmax_scale
+from moelib.model.rope import apply_rope, rotate, softmax_scale
 from moelib.precision.backends import Backend, Linear
 from moelib.precision.fp8 import TILE, dequantize
 from moelib.precision.linear import shared_input
@@ -92,27 +93,37 @@ class MLA(nn.Module):
 
     def attend_cached(self, q_in: torch.Tensor, kv_in: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       cache) -> torch.Tensor:
-        """Attention of this call's tokens over the cache, [B, T, heads, v_head_dim]; cos/sin per sequence."""
+        """Attention of this call's tokens over the cache, [B, T, heads, v_head_dim]; cos/sin are the rotation
+        factors per sequence (rope_tables). Scores are [B, T, heads, S]: the heads of a token are rows of one
+        GEMM over the cached tokens."""
         bsz, seqlen, _ = q_in.shape
         q = self.q_b_proj(self.q_a_layernorm(q_in)) if hasattr(self, "q_b_proj") else q_in
         q_nope, q_pe = q.view(bsz, seqlen, self.n_heads, self.nope_dim + self.rope_dim).split(
             [self.nope_dim, self.rope_dim], dim=-1)
         c_kv, k_pe = kv_in.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        c_all, pe_all, visible = cache.update(self.kv_a_layernorm(c_kv),
-                                              apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2))
-        q_pe = apply_rope(q_pe, cos, sin)
-        scores = torch.einsum("bthr,bsr->bhts", q_pe, pe_all.to(q_pe.dtype))
+        latent, mask = cache.update(self.kv_a_layernorm(c_kv), rotate(k_pe.unsqueeze(2), cos, sin).squeeze(2))
+        latent = latent.to(q_nope.dtype)  # [B, S, rank + rope]: c_kv, then k_pe
+        c_all, pe_all = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        q_pe = rotate(q_pe, cos, sin)
+        rows = bsz * seqlen  # (token, head) pairs per head: [heads, B·T, ...] for the per-head GEMMs
         if cache.absorb:
             # [heads, nope + v, rank]: score = (q_nope W_UK) · c_kv, out = (P · c_kv) W_UVᵀ; K and V never exist.
             w_uk, w_uv = self.absorbed_weights(q_nope.dtype)
-            q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
-            scores = scores + torch.einsum("bthc,bsc->bhts", q_lat, c_all.to(q_lat.dtype))
+            q_lat = torch.bmm(q_nope.reshape(rows, self.n_heads, -1).transpose(0, 1), w_uk).transpose(0, 1)
+            query = torch.cat([q_lat.reshape(bsz, seqlen * self.n_heads, -1),
+                               q_pe.reshape(bsz, seqlen * self.n_heads, -1)], dim=-1)
+            scores = torch.bmm(query, latent.transpose(1, 2)).view(bsz, seqlen, self.n_heads, -1)
         else:
             kv = self.kv_b_proj(c_all).view(bsz, c_all.shape[1], self.n_heads, self.nope_dim + self.v_dim)
             k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-            scores = scores + torch.einsum("bthd,bshd->bhts", q_nope, k_nope.to(q_nope.dtype))
-        scores = (scores.float() * self.scale).masked_fill(~visible[:, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(q_nope.dtype)
+            scores = (torch.einsum("bthd,bshd->bths", q_nope, k_nope.to(q_nope.dtype))
+                      + torch.einsum("bthr,bsr->bths", q_pe, pe_all))
+        # scale·scores + mask (0 or -inf) in fp32, as the masked scaled scores
+        probs = torch.softmax(torch.add(mask[:, :, None], scores.float(), alpha=self.scale), dim=-1).to(q_nope.dtype)
         if cache.absorb:
-            return torch.einsum("bthc,hdc->bthd", torch.einsum("bhts,bsc->bthc", probs, c_all.to(probs.dtype)), w_uv)
-        return torch.einsum("bhts,bshd->bthd", probs, v.to(probs.dtype))
+            out_lat = torch.bmm(probs.view(bsz, seqlen * self.n_heads, -1), c_all)
+            # W_UV · out_latᵀ per head: [heads, v, rows], the weight read in its own layout (2x faster than
+            # out_lat · W_UVᵀ on CPU, the same bits)
+            out = torch.bmm(w_uv, out_lat.view(rows, self.n_heads, -1).permute(1, 2, 0))
+            return out.permute(2, 0, 1).view(bsz, seqlen, self.n_heads, self.v_dim)
+        return torch.einsum("bths,bshd->bthd", probs, v.to(probs.dtype))

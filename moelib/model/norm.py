@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moelib.model.recompute import checkpoint, should_recompute
@@ -54,6 +55,8 @@ class RMSNorm(nn.Module):
         fused = apex.fused_rms_norm(x, self.weight, self.eps)
         if fused is not None:
             return fused
+        if not torch.is_grad_enabled():  # inference: torch's rms_norm gives the same x·rsqrt(mean(x²) + eps)
+            return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
         return _RMSNorm.apply(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:

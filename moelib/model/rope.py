@@ -67,9 +67,18 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, attention_fact
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, T, heads, dim] in interleaved pairs; cos/sin: [T, dim/2] or [B, T, dim/2]. Returns half-split
     layout."""
+    return rotate(x, *rope_tables(cos, sin))
+
+
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full-width factors ([cos, cos], [-sin, sin]) [..., 1, dim] that ``rotate`` takes, from cos/sin
+    [..., dim/2]: built once per forward when many layers rotate at the same positions (decoding)."""
+    return torch.cat([cos, cos], dim=-1)[..., None, :], torch.cat([-sin, sin], dim=-1)[..., None, :]
+
+
+def rotate(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
+    """``apply_rope`` with its factors from ``rope_tables``."""
     # [x1, x2]·[cos, cos] + [x2, x1]·[-sin, sin]: the same bits as x1·cos - x2·sin and x2·cos + x1·sin, in
     # two products over whole rows instead of four over strided halves (40 % less time on CPU, fwd + bwd).
-    cos2 = torch.cat([cos, cos], dim=-1)[..., None, :].to(x.dtype)
-    sin2 = torch.cat([-sin, sin], dim=-1)[..., None, :].to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.cat([x1, x2], dim=-1) * cos2 + torch.cat([x2, x1], dim=-1) * sin2
+    return torch.cat([x1, x2], dim=-1) * cos2.to(x.dtype) + torch.cat([x2, x1], dim=-1) * sin2.to(x.dtype)

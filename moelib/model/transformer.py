@@ -21,7 +21,7 @@ from moelib.model.mlp import MLP
 from moelib.model.moe import MoE
 from moelib.model.norm import RMSNorm
 from moelib.model.recompute import checkpoint, should_recompute
-from moelib.model.rope import rope_attention_factor, rope_cos_sin, rope_inv_freq
+from moelib.model.rope import rope_attention_factor, rope_cos_sin, rope_inv_freq, rope_tables
 from moelib.precision.backends import Backend, get_backend
 
 
@@ -161,17 +161,22 @@ class Transformer(nn.Module):
     # -- inference over a KV cache (moelib.inference.cache) ------------------------------------------
 
     def cached_rope(self, tokens: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [B, T, rope/2] at each sequence's next positions in ``cache``."""
-        positions = cache.begin(tokens.shape[1])
-        if int(positions.max()) >= self.cfg.max_position_embeddings:
-            raise DataError(f"position {int(positions.max())} reaches ModelConfig.max_position_embeddings "
+        """The rotation factors (rope_tables) [B, T, 1, rope] at each sequence's next positions in ``cache``,
+        built once for all layers, in the weights' dtype (as each layer would round them)."""
+        last = cache.last_position(tokens.shape[1])
+        if last >= self.cfg.max_position_embeddings:
+            raise DataError(f"position {last} reaches ModelConfig.max_position_embeddings "
                             f"({self.cfg.max_position_embeddings})")
-        return rope_cos_sin(self.inv_freq.to(tokens.device), positions, self.rope_factor)
+        cos, sin = rope_cos_sin(self.inv_freq.to(tokens.device), cache.begin(tokens.shape[1]), self.rope_factor)
+        dtype = self.embed_tokens.weight.dtype
+        return tuple(t.to(dtype) for t in rope_tables(cos, sin))
 
-    def cached_hidden_states(self, tokens: torch.Tensor, cache) -> torch.Tensor:
-        """Main-model output after the final norm [B, T, hidden] for ``tokens`` appended to ``cache``."""
+    def cached_hidden_states(self, tokens: torch.Tensor, cache, *, checked: bool = False) -> torch.Tensor:
+        """Main-model output after the final norm [B, T, hidden] for ``tokens`` appended to ``cache``.
+        ``checked``: the ids are known to lie in the vocabulary (drawn from the head), so the range check and
+        its reads back to the host are skipped."""
         cos, sin = self.cached_rope(tokens, cache)
-        h = self.embed(tokens)
+        h = embedding_lookup(tokens, self.embed_tokens.weight) if checked else self.embed(tokens)
         for i, layer in enumerate(self.layers.values()):
             h = layer(h, cos, sin, cache.layer(i))
         cache.commit()

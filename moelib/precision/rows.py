@@ -127,10 +127,7 @@ class _WeightedSum(torch.autograd.Function):
                                             name="routed expert outputs"), w)
         else:
             ctx.save_for_backward(y, w)
-        acc = y[:, 0].to(torch.float32, copy=True).mul_(w[:, :1])
-        for j in range(1, y.shape[1]):
-            acc.addcmul_(y[:, j], w[:, j:j + 1])
-        return acc.to(y.dtype)
+        return _weighted_sum(y, w)
 
     @staticmethod
     def backward(ctx, grad):
@@ -145,9 +142,18 @@ class _WeightedSum(torch.autograd.Function):
         return grad_y, grad_w, None
 
 
+def _weighted_sum(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    acc = y[:, 0].to(torch.float32, copy=True).mul_(w[:, :1])
+    for j in range(1, y.shape[1]):
+        acc.addcmul_(y[:, j], w[:, j:j + 1])
+    return acc.to(y.dtype)
+
+
 def weighted_sum(y: torch.Tensor, weights: torch.Tensor, quantize: Callable | None = None) -> torch.Tensor:
     """y [N, k, H], weights [N, k] -> sum_k weights_k * y_k, [N, H] in y's dtype (weights rounded to it).
-    ``quantize``: keep y for the weights' gradient in FP8 (see _WeightedSum)."""
+    ``quantize``: keep y for the weights' gradient in FP8 (see _WeightedSum); without autograd nothing is kept."""
+    if not torch.is_grad_enabled():
+        return _weighted_sum(y, weights.to(y.dtype))
     return _WeightedSum.apply(y, weights.to(y.dtype), quantize)
 
 
