@@ -11,6 +11,7 @@ moelib.precision.rows.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,15 +21,17 @@ from moelib.precision.rows import gather_tokens, take_rows, weighted_sum
 
 class Dispatcher(ABC):
     """``dispatch(x, indices, weights, num_experts)`` returns the rows this process's experts must compute
-    (sorted by local expert), the row count of each local expert and a state; ``combine(y, state)`` returns
-    sum_k weight_k * expert_k(x) per token. ``run`` is both around the experts."""
+    (sorted by local expert), the row count of each local expert and a state; ``combine(y, state, quantize)``
+    returns sum_k weight_k * expert_k(x) per token, keeping y for the gate weights' gradient as
+    ``quantize`` says (the experts' ``output_quantize()``: FP8 under V3's selective recompute, else None).
+    ``run`` is both around the experts."""
 
     @abstractmethod
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, num_experts: int):
         ...
 
     @abstractmethod
-    def combine(self, y: torch.Tensor, state) -> torch.Tensor:
+    def combine(self, y: torch.Tensor, state, quantize: Callable | None = None) -> torch.Tensor:
         ...
 
     def run(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts,
@@ -36,7 +39,7 @@ class Dispatcher(ABC):
         """(combine(experts(dispatch(...))) [N, H], rows per local expert [E_local]); ``num_experts`` is
         the layer's (all ranks'), by default the experts'."""
         rows, counts, state = self.dispatch(x, indices, weights, num_experts or experts.num_experts)
-        return self.combine(experts(rows, counts), state), counts
+        return self.combine(experts(rows, counts), state, output_quantize(experts)), counts
 
 
 @dataclass
@@ -66,11 +69,11 @@ class LocalDispatcher(Dispatcher):
         no_padding = order[:0]
         return gather_tokens(x, order // top_k, no_padding, inverse, top_k), counts, state
 
-    def combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
+    def combine(self, y: torch.Tensor, state: DispatchState, quantize: Callable | None = None) -> torch.Tensor:
         """y [N*k, H] in expert order -> sum_k weight_k * y_k per token, [N, H]."""
         unsorted = take_rows(y, state.inverse, state.order, state.order[:0])
         unsorted = unsorted.view(state.num_tokens, state.top_k, y.shape[-1])
-        return weighted_sum(unsorted, state.weights)
+        return weighted_sum(unsorted, state.weights, quantize)
 
     def run(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts,
             num_experts: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +90,13 @@ class LocalDispatcher(Dispatcher):
         rows = gather_tokens(x, pair // top_k, layout.padding, pos, top_k)
         # Back per (token, slot): the layout read in token order.
         out = take_rows(experts.compute(rows, layout.counts), pos, pair, layout.padding)
-        return weighted_sum(out.view(x.shape[0], top_k, out.shape[-1]), weights, experts.output_quantize()), counts
+        return weighted_sum(out.view(x.shape[0], top_k, out.shape[-1]), weights, output_quantize(experts)), counts
+
+
+def output_quantize(experts) -> Callable | None:
+    """How the combine keeps ``experts``' outputs (GroupedExperts.output_quantize; None for a plain callable)."""
+    quantize = getattr(experts, "output_quantize", None)
+    return quantize() if quantize is not None else None
 
 
 def few_rows(indices: torch.Tensor, num_experts: int) -> bool:

@@ -18,6 +18,7 @@ all-to-alls send bf16 (gate values and their gradients stay fp32).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -355,17 +356,19 @@ class AllToAllDispatcher(Dispatcher):
 
     # -- combine -------------------------------------------------------------------------------------
 
-    def combine_start(self, y: torch.Tensor, state: EpDispatchState) -> CombineHandle:
-        """Weight and sum this rank's expert outputs per received row, and post the send back."""
+    def combine_start(self, y: torch.Tensor, state: EpDispatchState,
+                      quantize: Callable | None = None) -> CombineHandle:
+        """Weight and sum this rank's expert outputs per received row, and post the send back; ``quantize``
+        as in Dispatcher.combine."""
         slots = _Collect.apply(y, state.table, state.pair_flat)  # [R, k, H]
-        rows = weighted_sum(slots, state.recv_weights)
+        rows = weighted_sum(slots, state.recv_weights, quantize)
         wire = _WIRE_BF16 if self.fp8 else rows.dtype
         with torch.no_grad():
             inflight = state.route.exchange(_pack([rows.detach().to(wire)]), False, True, self.bytes_sent, "combine")
         return CombineHandle(rows, _Received(inflight, wire, rows.shape[1]), self, state.route)
 
-    def combine(self, y: torch.Tensor, state: EpDispatchState) -> torch.Tensor:
-        return self.combine_start(y, state).wait()
+    def combine(self, y: torch.Tensor, state: EpDispatchState, quantize: Callable | None = None) -> torch.Tensor:
+        return self.combine_start(y, state, quantize).wait()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from moelib.config import ModelConfig
 from moelib.model.dispatch import LocalDispatcher
 from moelib.model.moe import GroupedExperts, MoE
+from moelib.model.recompute import SwiGLUCache
 from moelib.precision import grouped
 from moelib.precision.backends import get_backend
 from moelib.precision.grouped import grouped_linear
@@ -452,6 +453,42 @@ def build_moe(cfg: ModelConfig, gen: torch.Generator, bias_scale: float = 1.0) -
     init_(moe, gen, scale=1.5)
     moe.gate.e_score_correction_bias.copy_(torch.randn(cfg.n_routed_experts, generator=gen) * bias_scale - 0.5)
     return moe
+
+
+@settings(max_examples=15, deadline=None)
+@given(n_tokens=st.integers(1, 12), n_experts=st.integers(2, 6), seed=SEEDS)
+def test_split_combine_keeps_expert_outputs_as_run_does_under_the_fp8_swiglu_cache(n_tokens, n_experts, seed):
+    """Under V3's selective recompute with FP8 SwiGLU inputs, the combine keeps the expert outputs (read only
+    for the gate weights' gradient) in E4M3: dispatch -> experts -> combine(quantize=output_quantize()), the
+    path the pipeline's overlapped schedule and expert parallelism take, gives run's bits, forward and every
+    gradient; without the quantize the gate weights' gradient differs (it would keep y in bf16)."""
+    gen = torch.Generator().manual_seed(seed)
+    backend = get_backend("fp8-emulated")
+    experts = GroupedExperts(n_experts, 128, 128, backend)
+    init_(experts, gen, scale=2.0)
+    experts.recompute_swiglu = SwiGLUCache(backend.kernels.quantize, backend.cfg.pow2_scales)
+    top_k = min(2, n_experts)
+    indices = random_routing(n_tokens, n_experts, top_k, gen)
+    x0, w0 = torch.randn(n_tokens, 128, generator=gen), torch.rand(n_tokens, top_k, generator=gen)
+    g = torch.randn(n_tokens, 128, generator=gen)
+    disp, results = LocalDispatcher(), []
+    for path in ("run", "split", "split, y kept as it is"):
+        experts.zero_grad(set_to_none=True)
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with backend.autocast():
+            tokens = x.to(backend.compute_dtype)
+            if path == "run":
+                out, _ = disp.run(tokens, indices, w, experts)
+            else:
+                rows, counts, state = disp.dispatch(tokens, indices, w, n_experts)
+                keep = experts.output_quantize() if path == "split" else None
+                out = disp.combine(experts(rows, counts), state, keep)
+        (out.float() * g).sum().backward()
+        results.append([out, x.grad, w.grad] + [grad_or_zero(p) for p in experts.parameters()])
+    assert experts.output_quantize() is not None
+    for ran, split in zip(results[0], results[1]):
+        assert torch.equal(ran, split)
+    assert not torch.equal(results[0][2], results[2][2])  # the gate weights' gradient saw E4M3 outputs
 
 
 def grad_or_zero(t: torch.Tensor) -> torch.Tensor:

@@ -97,12 +97,12 @@ def forward_steps(stage: PipelineStage, inputs: torch.Tensor, labels: torch.Tens
         (y,) = rec.cut(y)
         if hasattr(d, "combine_start"):
             start = time.perf_counter()
-            handle = d.combine_start(y, state)
+            handle = d.combine_start(y, state, moe.experts.output_quantize())
             yield
             routed_out = handle.wait()
             record("combine", start, time.perf_counter())
         else:
-            routed_out = d.combine(y, state)
+            routed_out = d.combine(y, state, moe.experts.output_quantize())
         (routed_out,) = rec.cut(routed_out, comm=True)
         with autocast():
             h = h1 + moe.finish(flat, routed_out, indices, scores, counts, h1.shape)
