@@ -162,14 +162,14 @@ class Transformer(nn.Module):
 
     def cached_rope(self, tokens: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotation factors (rope_tables) [B, T, 1, rope] at each sequence's next positions in ``cache``,
-        built once for all layers, in the weights' dtype (as each layer would round them)."""
+        built once for all layers, in the compute dtype of the weights (as each layer would round them): the
+        final norm's, since an FP8-resident embedding's dtype is E4M3's."""
         last = cache.last_position(tokens.shape[1])
         if last >= self.cfg.max_position_embeddings:
             raise DataError(f"position {last} reaches ModelConfig.max_position_embeddings "
                             f"({self.cfg.max_position_embeddings})")
         cos, sin = rope_cos_sin(self.inv_freq.to(tokens.device), cache.begin(tokens.shape[1]), self.rope_factor)
-        dtype = self.embed_tokens.weight.dtype
-        return tuple(t.to(dtype) for t in rope_tables(cos, sin))
+        return tuple(t.to(self.norm.weight.dtype) for t in rope_tables(cos, sin))
 
     def cached_hidden_states(self, tokens: torch.Tensor, cache, *, checked: bool = False) -> torch.Tensor:
         """Main-model output after the final norm [B, T, hidden] for ``tokens`` appended to ``cache``.
