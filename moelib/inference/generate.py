@@ -121,9 +121,10 @@ def generate(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int
     (with ``pad_token_id``) and run at their own positions 0, 1, ..., so each continues exactly as it
     would alone. ``temperature`` 0 is greedy; else sampling from softmax(logits / temperature) cut to
     ``top_k`` tokens (0: all) and nucleus ``top_p``. After ``eos_token_id`` a sequence repeats it.
-    ``speculative="mtp"``: MTP depth 1 drafts a token, one main forward verifies it with the speculative
-    sampling rule, so the output distribution is the main model's (greedy: the same tokens); sequences
-    are then decoded one at a time. ``attention``: "absorb" (default) or "naive" MLA over the cache.
+    ``speculative="mtp"``: the model's MTP depths, chained, draft a token each, one main forward verifies
+    them with the speculative sampling rule, so the output distribution is the main model's (greedy: the
+    same tokens in fp32); sequences are then decoded one at a time. ``attention``: "absorb" (default) or
+    "naive" MLA over the cache.
     stats: main_forwards, drafted, accepted, acceptance_rate (accepted / drafted, 0 without drafts),
     kv_bytes_per_token (the main model's cache for one token of one sequence, all layers) and
     tokens_per_s (new tokens of all sequences over the wall time). ``stream`` is called with the new tokens
