@@ -13,6 +13,7 @@ they are.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,11 +51,12 @@ class ResidentFp8Backend(Backend):
         self.name = "fp8-weights"
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, *, pow2_input: bool = False,
-               name: str = "linear") -> torch.Tensor:
+               name: str = "linear", input_again: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         return F.linear(x.to(torch.bfloat16), dequantized(weight, weight.scale_inv))
 
     def grouped_linear(self, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, *,
-                       pow2_input: bool = False, name: str = "experts") -> torch.Tensor:
+                       pow2_input: bool = False, name: str = "experts",
+                       input_again: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         out = x.new_empty(x.shape[0], weight.shape[1], dtype=torch.bfloat16)
         start = 0
         for e, n in enumerate(counts.tolist()):

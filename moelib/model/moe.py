@@ -55,8 +55,6 @@ class GroupedExperts(PerExpertStateDict, nn.Module):
         included."""
         gate, up = self.backend.grouped_linear(x, self.gate_up_proj, counts, pow2_input=True).chunk(2, dim=-1)
         hidden, again = swiglu_again(gate, up, self.recompute_swiglu)
-        if again is None:  # (inference backends never get one, and need not take it)
-            return self.backend.grouped_linear(hidden, self.down_proj, counts)
         return self.backend.grouped_linear(hidden, self.down_proj, counts, input_again=again)
 
     def output_quantize(self):

@@ -171,9 +171,8 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, input_again: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """x·weightᵀ; ``input_again`` (see Backend.linear) lets an FP8 backend keep no copy of x."""
-        # Passed only when given: backends that never train (moelib.inference's) need not take it.
-        again = {} if input_again is None else {"input_again": input_again}
-        return self.backend.linear(x, self.weight, pow2_input=self.pow2_input, name=self.name, **again)
+        return self.backend.linear(x, self.weight, pow2_input=self.pow2_input, name=self.name,
+                                   input_again=input_again)
 
     def extra_repr(self) -> str:
         pow2 = ", pow2_input" if self.pow2_input else ""
