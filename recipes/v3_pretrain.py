@@ -33,14 +33,14 @@ from moelib.inference.sample import sample_line  # noqa: E402
 from moelib.parallel import launch, report  # noqa: E402
 from moelib.parallel.mesh import auto_layout  # noqa: E402
 from moelib.precision import apex  # noqa: E402
-from moelib.precision.telemetry import collect_telemetry  # noqa: E402
 from moelib.train import preflight  # noqa: E402
 from moelib.train.checkpoint import CheckpointReader, prune_checkpoints, resolve, save_checkpoint  # noqa: E402
 from moelib.train.checkpoint_model import resolve_model_config  # noqa: E402
 from moelib.train.data import BatchLoader, default_corpus  # noqa: E402
 from moelib.train.evaluate import Evaluation  # noqa: E402
-from moelib.train.faults import SaveTimer, SkipGuard, StopRequest, agree  # noqa: E402
+from moelib.train.faults import agree  # noqa: E402
 from moelib.train.logger import TrainingLogger  # noqa: E402
+from moelib.train.loop import LoopOptions, train_loop  # noqa: E402
 from moelib.train.metrics import measure_matmul_flops, model_flops_per_token  # noqa: E402
 from moelib.train.plot import plot_run  # noqa: E402
 from moelib.train.schedules import Schedules, schedule_for_run  # noqa: E402
@@ -156,25 +156,7 @@ def main(argv=None) -> int:
     if args.global_batch_size:
         par = layout_for_batch(par, args.global_batch_size, train_cfg.micro_batch_size, env.world_size, model_cfg)
     check_outputs(args, model_cfg, train_cfg, run_record, env)
-    if data_cfg.data_path:
-        data_prefix, tokenizer_path = data_cfg.data_path, data_cfg.tokenizer
-    else:
-        began = time.perf_counter()
-        data_prefix, tokenizer_path = default_corpus(model_cfg.vocab_size)
-        built = time.perf_counter() - began
-        say(f"default corpus: standard-library sources, BPE vocabulary {model_cfg.vocab_size} "
-            f"({'cached' if built < 5 else f'built in {built:.0f} s, cached for the next runs'})")
-    eod, tok = None, None
-    if tokenizer_path:
-        tok = Tokenizer.from_file(tokenizer_path)
-        if tok.vocab_size > model_cfg.vocab_size:
-            raise MoelibError(f"tokenizer {tokenizer_path} has {tok.vocab_size} tokens, more than the model's "
-                              f"vocab_size {model_cfg.vocab_size}")
-        eod = tok.eod
-    parts = build_splits(data_prefix, train_cfg.seq_length, eod_id=eod, vocab_size=model_cfg.vocab_size,
-                         split=args.split, default_split=DEFAULT_SPLIT if data_cfg.data_path else DEFAULT_CORPUS_SPLIT,
-                         valid_path=args.valid_data_path, test_path=args.test_data_path,
-                         evaluating=args.eval_iters > 0)
+    parts, tok, tokenizer_path = load_data(args, data_cfg, model_cfg, train_cfg.seq_length)
     dataset = parts["train"]
     trainer = ParallelTrainer(model_cfg, train_cfg, par)
     mesh = trainer.mesh
@@ -204,7 +186,6 @@ def main(argv=None) -> int:
                                       "schedule_config": schedule_cfg.to_dict(), "run": run_record})
         if env.is_main:
             prune_checkpoints(args.save, args.keep_last)
-        timer.saved()
         return path
     counts = model_cfg.param_counts()
     model_name = args.config or (f"of {args.load}" if args.load else "tiny")
@@ -236,47 +217,18 @@ def main(argv=None) -> int:
             log.close()
         return 0
     interval = train_cfg.train_iters // 10 if args.eval_interval is None else args.eval_interval
-    stop, guard, timer = StopRequest(), SkipGuard(args.max_skipped_steps), SaveTimer(args.save_interval_minutes)
-    start, first, recent, stopped = time.perf_counter(), None, [], False
+    opts = LoopOptions(train_cfg.train_iters, train_cfg.log_interval, eval_interval=interval,
+                       exit_interval=args.exit_interval, save_interval=args.save_interval,
+                       save_interval_minutes=args.save_interval_minutes, max_skipped_steps=args.max_skipped_steps)
+    start = time.perf_counter()
     try:
-        while trainer.step < train_cfg.train_iters:
-            report.mark(f"train step {trainer.step + 1}")
-            v = schedules.step()
-            tokens, labels = loader.next_batch(v.batch_size)
-            r = trainer.train_step(tokens, labels, lr=v.lr, mtp_weight=v.mtp_weight,
-                                   bias_update_speed=v.bias_update_speed)
-            extra = telemetry_summary(trainer) if r.step % train_cfg.log_interval == 0 else None
-            log.step(r, extra, quiet={"batch_size": v.batch_size, "consumed_tokens": v.tokens,
-                                      "mtp_weight": v.mtp_weight, "bias_update_speed": v.bias_update_speed})
-            guard.update(r.skipped, trainer.step)
-            if not r.skipped:
-                first = r.lm_loss if first is None else first
-                recent = (recent + [r.lm_loss])[-10:]
-            if interval and not r.skipped and r.step % interval == 0:
-                evals.run("valid", consumed_tokens=v.tokens)
-            report.mark(f"stop/save agreement after step {trainer.step}")
-            stop_now, save_due = agree(stop.requested, timer.due())
-            if stop_now:
-                log.write(f"{stop.signal_name or 'a stop request'} on some rank: saving at step {trainer.step}")
-                stopped = True
-                break
-            if args.exit_interval and not r.skipped and r.step % args.exit_interval == 0:
-                log.write(f"--exit-interval {args.exit_interval}: saving and stopping at step {trainer.step}")
-                stopped = True
-                break
-            if (save_due or args.save_interval and r.step % args.save_interval == 0) and \
-                    r.step < train_cfg.train_iters:
-                save()
-        if trainer.step == train_cfg.train_iters:  # the end of training (not a stop): the last valid and the test
-            if not (interval and trainer.step % interval == 0):
-                evals.run("valid", consumed_tokens=schedules.state.consumed_tokens)
-            evals.run("test", consumed_tokens=schedules.state.consumed_tokens)
+        outcome = train_loop(trainer, schedules, loader, log, evals, save, opts)
     finally:
         log.close()
-        stop.restore()
     path = save()
-    if recent:
-        say(f"done: step {trainer.step}, {time.perf_counter() - start:.0f}s, loss {first:.3f} -> "
+    if outcome.recent:
+        recent = outcome.recent
+        say(f"done: step {trainer.step}, {time.perf_counter() - start:.0f}s, loss {outcome.first_loss:.3f} -> "
             f"{sum(recent) / len(recent):.3f} (mean of the last {len(recent)} steps)")
     if evals.last:
         say("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in evals.last.items() if k.endswith(("_loss", "_ppl"))
@@ -288,10 +240,36 @@ def main(argv=None) -> int:
         except MoelibError as e:
             say(f"no plot: {e}")
     # Rank 0 alone, after the last collective (the save): the other ranks finish meanwhile.
-    if env.is_main and args.sample_tokens and not stopped and parts["valid"] is not None and tok is not None:
+    if env.is_main and args.sample_tokens and not outcome.stopped and parts["valid"] is not None and tok is not None:
         say(sample_line(path, parts["valid"], tok, args.sample_tokens,
                         "fp32" if train_cfg.precision.backend == "fp32" else "bf16"))
     return 0
+
+
+def load_data(args, data_cfg, model_cfg, seq_length: int):
+    """The train/valid/test splits, the tokenizer (None for pre-tokenised data without one) and its path; the
+    default corpus (built and cached on first use) when no --data-path is given."""
+    if data_cfg.data_path:
+        data_prefix, tokenizer_path = data_cfg.data_path, data_cfg.tokenizer
+    else:
+        began = time.perf_counter()
+        data_prefix, tokenizer_path = default_corpus(model_cfg.vocab_size)
+        built = time.perf_counter() - began
+        cached = "cached" if built < 5 else f"built in {built:.0f} s, cached for the next runs"
+        launch.rank_zero_print(f"default corpus: standard-library sources, BPE vocabulary {model_cfg.vocab_size} "
+                               f"({cached})")
+    eod, tok = None, None
+    if tokenizer_path:
+        tok = Tokenizer.from_file(tokenizer_path)
+        if tok.vocab_size > model_cfg.vocab_size:
+            raise MoelibError(f"tokenizer {tokenizer_path} has {tok.vocab_size} tokens, more than the model's "
+                              f"vocab_size {model_cfg.vocab_size}")
+        eod = tok.eod
+    parts = build_splits(data_prefix, seq_length, eod_id=eod, vocab_size=model_cfg.vocab_size,
+                         split=args.split, default_split=DEFAULT_SPLIT if data_cfg.data_path else DEFAULT_CORPUS_SPLIT,
+                         valid_path=args.valid_data_path, test_path=args.test_data_path,
+                         evaluating=args.eval_iters > 0)
+    return parts, tok, tokenizer_path
 
 
 def check_eval_flags(args) -> None:
@@ -371,17 +349,6 @@ def check_batch_sizes(cfg, micro_batch_size: int, par, dp: int) -> None:
     for batch in range(cfg.batch_start, cfg.batch_end + 1, cfg.batch_granularity):
         with_microbatches(par, batch, per_rank, "--rampup-batch-size")
 
-
-def telemetry_summary(trainer) -> dict[str, float]:
-    """FP8 health over this rank's Linears since the last call: share of values flushed to zero and of
-    saturated values (empty for non-FP8 backends or when telemetry is off)."""
-    counts = [c for model in trainer.models.values() for per_kind in collect_telemetry(model).values()
-              for c in per_kind.values()]
-    total = sum(c["numel"] for c in counts)
-    if not total:
-        return {}
-    return {"fp8_underflow": sum(c["underflow"] for c in counts) / total,
-            "fp8_saturated": sum(c["saturated"] for c in counts) / total}
 
 if __name__ == "__main__":
     sys.exit(report.run_main(main, "v3_pretrain"))
