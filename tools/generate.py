@@ -23,10 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moelib.convert import load_model  # noqa: E402
 from moelib.errors import ConfigError, DataError, MoelibError  # noqa: E402
 from moelib.inference.generate import generate  # noqa: E402
-from moelib.inference.load import DTYPES, cast_weights, check_dtype  # noqa: E402
+from moelib.inference.load import DTYPES, cast_weights, check_dtype, load_model  # noqa: E402
 from moelib.inference.sampling import Sampler  # noqa: E402
 from moelib.parallel.launch import started_by_mpi  # noqa: E402
 from moelib.parallel.report import run_main  # noqa: E402
@@ -115,9 +114,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     check_dtype(args.dtype)
-    model = load_model(args.load)
     sampler, show = Sampler(args.seed), True
-    if started_by_mpi() or "WORLD_SIZE" in os.environ:
+    if not (started_by_mpi() or "WORLD_SIZE" in os.environ):
+        model = load_model(args.load, args.dtype)  # each block cast as it is read
+    else:
+        model = load_model(args.load)  # fp32, sharded over the ranks, then cast
         if args.interactive:
             raise ConfigError("--interactive reads stdin, which only rank 0 has; use --prompt or --prompt-file "
                               "under mpirun")
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
 
         show = expert_parallel(model).is_main
         sampler = SyncedSampler(args.seed)
-    model = cast_weights(model, args.dtype)
+        model = cast_weights(model, args.dtype)
     tok = find_tokenizer(args, model.cfg.vocab_size)
     for text in read_prompts(args):
         try:

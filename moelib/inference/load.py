@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 
 import torch
+from torch import nn
 
 from moelib.convert import load_model as load_fp32
 from moelib.errors import ConfigError
+from moelib.model.moe import MoE
 from moelib.model.transformer import Transformer
 
 DTYPES = ("fp32", "bf16", "fp8")
@@ -18,12 +20,12 @@ def check_dtype(dtype: str) -> None:
         raise ConfigError(f"dtype (--dtype) must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
-def router_parameters(model: Transformer) -> set[int]:
+def router_parameters(model: nn.Module) -> set[int]:
     """ids of the routers' parameters, which stay fp32 (V3 scores and biases experts in fp32)."""
-    return {id(p) for moe in model.moe_layers().values() for p in moe.gate.parameters()}
+    return {id(p) for moe in model.modules() if isinstance(moe, MoE) for p in moe.gate.parameters()}
 
 
-def to_bf16(model: Transformer) -> Transformer:
+def to_bf16(model: nn.Module) -> nn.Module:
     """The model's fp32 parameters in bf16, in place, except the routers'; buffers stay fp32 (RoPE's
     frequencies in bf16 would turn late positions by whole radians)."""
     routers = router_parameters(model)
@@ -53,13 +55,15 @@ def cast_bytes(model: Transformer, dtype: str) -> int:
 def load_model(path: str | os.PathLike, dtype: str = "fp32") -> Transformer:
     """An eval-mode CPU model from a moelib checkpoint (step directory or root) or an HF DeepSeek-V3
     directory (the block-FP8 export included), weights in ``dtype``: "fp32", "bf16", or "fp8" (E4M3 with
-    128x128 block scales for the Linears, experts and embedding; head, norms and eh_proj bf16; routers fp32)."""
+    128x128 block scales for the Linears, experts and embedding; head, norms and eh_proj bf16; routers fp32).
+    Each block is cast as soon as it is read, so loading never holds the whole model in fp32."""
     check_dtype(dtype)
-    return cast_weights(load_fp32(path), dtype)
+    return load_fp32(path, cast=lambda block: cast_weights(block, dtype))
 
 
-def cast_weights(model: Transformer, dtype: str) -> Transformer:
-    """``model`` (fp32, possibly expert-sharded) with its weights in ``dtype``, in place."""
+def cast_weights(model: nn.Module, dtype: str) -> nn.Module:
+    """``model`` (fp32, possibly expert-sharded; the whole model or one block of it) with its weights in
+    ``dtype``, in place."""
     check_dtype(dtype)
     if dtype == "fp8":  # from the fp32 weights: an FP8 export's values come back exactly
         from moelib.inference.fp8_weights import quantize_weights

@@ -192,6 +192,13 @@ class Transformer(nn.Module):
 
     # -- load balancing -----------------------------------------------------------------------------
 
+    def reset_buffers(self) -> None:
+        """Recompute the buffers no checkpoint holds (RoPE's frequencies, the experts' load counters), for a
+        model built on the meta device and then filled from a checkpoint."""
+        self.inv_freq = rope_inv_freq(self.cfg)
+        for moe in self.moe_layers().values():
+            moe.load_counts = torch.zeros(moe.load_counts.shape)
+
     def moe_layers(self) -> dict[str, MoE]:
         """Every MoE in this (possibly partial) model, keyed by its module path."""
         return {name: m for name, m in self.named_modules() if isinstance(m, MoE)}
