@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,12 +55,23 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if should_recompute(self.recompute):
             return checkpoint(self.forward, x)
-        fused = apex.fused_rms_norm(x, self.weight, self.eps)
-        if fused is not None:
-            return fused
         if not torch.is_grad_enabled():  # inference: torch's rms_norm gives the same x·rsqrt(mean(x²) + eps)
             return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
-        return _RMSNorm.apply(x, self.weight, self.eps)
+        return self._train_forward(x)
+
+    def forward_again(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[], torch.Tensor] | None]:
+        """(``forward(x)``, a function recomputing that output bit for bit when this norm recomputes, else
+        None): a consumer may keep the function instead of the output, since the recompute region keeps x."""
+        out = self.forward(x)
+        return out, (functools.partial(self._again, x) if should_recompute(self.recompute) else None)
+
+    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = apex.fused_rms_norm(x, self.weight, self.eps)
+        return fused if fused is not None else _RMSNorm.apply(x, self.weight, self.eps)
+
+    def _again(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self._train_forward(x)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -43,7 +43,8 @@ class DecoderLayer(nn.Module):
         if should_recompute(self.recompute_layer):
             return checkpoint(self.forward, x, cos, sin)
         x = self.attention(x, cos, sin, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        normed, again = self.post_attention_layernorm.forward_again(x)
+        return x + (self.mlp(normed, again) if isinstance(self.mlp, MoE) else self.mlp(normed))
 
     def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
         """The first residual block (the pipeline's overlapped schedule runs the MoE half in pieces)."""
