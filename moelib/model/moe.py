@@ -69,6 +69,11 @@ class GroupedExperts(PerExpertStateDict, nn.Module):
 
 
 
+def _rows_again(x_again: Callable[[], torch.Tensor] | None, width: int) -> Callable[[], torch.Tensor] | None:
+    """x_again's result as [tokens, width] rows."""
+    return None if x_again is None else (lambda: x_again().reshape(-1, width))
+
+
 class AuxLossBackprop(torch.autograd.Function):
     """Adds an auxiliary loss's gradient to the backward pass of an activation it does not change,
     so pipeline stages need not carry aux losses alongside their outputs (as Megatron-Core does)."""
@@ -113,7 +118,7 @@ class MoE(nn.Module):
         recomputes), which the router keeps instead of x."""
         flat, indices, weights, scores = self.route(x, x_again)
         routed_out, counts = self.dispatcher.run(flat, indices, weights, self.experts, self.num_experts)
-        return self.finish(flat, routed_out, indices, scores, counts, x.shape)
+        return self.finish(flat, routed_out, indices, scores, counts, x.shape, x_again)
 
     # The pieces of forward, also called one by one by the pipeline's overlapped schedule, which runs
     # the dispatch and combine all-to-alls between them.
@@ -126,17 +131,17 @@ class MoE(nn.Module):
         their GEMMs would cast them to anyway, so the dispatch moves (and sends) half the bytes under bf16.
         """
         flat = x.reshape(-1, x.shape[-1])
-        shape = flat.shape  # not flat itself: the closure must not keep it
-        flat_again = None if x_again is None else (lambda: x_again().reshape(shape))
-        indices, weights, scores = self.gate(flat, flat_again)
+        indices, weights, scores = self.gate(flat, _rows_again(x_again, flat.shape[-1]))
         return flat.to(compute_dtype(flat)), indices, weights, scores
 
     def finish(self, flat: torch.Tensor, routed_out: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor,
-               counts: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """Routed output + shared experts, load statistics and the balance loss's gradient hook."""
+               counts: torch.Tensor, shape: torch.Size,
+               x_again: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """Routed output + shared experts, load statistics and the balance loss's gradient hook; ``x_again``
+        as in forward."""
         out = routed_out
         if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
+            out = out + self.shared_experts(flat, _rows_again(x_again, flat.shape[-1]))
         out = out.view(shape)
         if self.training:
             first_run = not recomputing()  # False when backward reruns the layer: count it once

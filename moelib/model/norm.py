@@ -13,6 +13,28 @@ from moelib.model.recompute import checkpoint, should_recompute
 from moelib.precision import apex
 
 
+def _rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weight · normed, r = rsqrt(mean(x²) + eps), normed = round(x·r)) with x in fp32."""
+    xf = x.float()
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    normed = (xf * r).to(x.dtype)
+    return weight * normed, r, normed
+
+
+def _rms_backward(needs_input_grad, grad, x, weight, r, normed):
+    grad_x = grad_w = None
+    if needs_input_grad[1]:
+        grad_w = (grad * normed).reshape(-1, weight.shape[0]).sum(0).to(weight.dtype)
+    if needs_input_grad[0]:
+        # The gradient of the rounded product comes in its dtype, as autograd would hand it over; then
+        # d(x·r)/dx with r = (mean(x²) + eps)^-1/2: g·r − x·r³·mean(g·x).
+        g = (grad * weight).to(normed.dtype)
+        xf = x.float()
+        dot = (g * xf).sum(-1, keepdim=True)
+        grad_x = (g * r - xf * (dot * r.pow(3) / x.shape[-1])).to(x.dtype)
+    return grad_x, grad_w
+
+
 class _RMSNorm(torch.autograd.Function):
     """weight · round(x·rsqrt(mean(x²) + eps)), x in fp32 and rounded back to its dtype (as V3's and
     transformers' norms), with the backward written out: autograd's own chain through pow, mean, rsqrt, two
@@ -21,26 +43,31 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        xf = x.float()
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        normed = (xf * r).to(x.dtype)
+        out, r, normed = _rms_forward(x, weight, eps)
         ctx.save_for_backward(x, weight, r, normed)
-        return weight * normed
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, r, normed = ctx.saved_tensors
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = (grad * normed).reshape(-1, weight.shape[0]).sum(0).to(weight.dtype)
-        if ctx.needs_input_grad[0]:
-            # The gradient of the rounded product comes in its dtype, as autograd would hand it over; then
-            # d(x·r)/dx with r = (mean(x²) + eps)^-1/2: g·r − x·r³·mean(g·x).
-            g = (grad * weight).to(normed.dtype)
-            xf = x.float()
-            dot = (g * xf).sum(-1, keepdim=True)
-            grad_x = (g * r - xf * (dot * r.pow(3) / x.shape[-1])).to(x.dtype)
-        return grad_x, grad_w, None
+        return *_rms_backward(ctx.needs_input_grad, grad, x, weight, r, normed), None
+
+
+class _RMSNormInputAgain(torch.autograd.Function):
+    """_RMSNorm keeping only ``again``, a function returning x, from which backward recomputes everything."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, again: Callable[[], torch.Tensor]):
+        ctx.save_for_backward(weight)
+        ctx.eps, ctx.again = eps, again
+        return _rms_forward(x, weight, eps)[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        x = ctx.again()
+        _, r, normed = _rms_forward(x, weight.detach(), ctx.eps)
+        return *_rms_backward(ctx.needs_input_grad, grad, x, weight, r, normed), None, None
 
 
 class RMSNorm(nn.Module):
@@ -59,11 +86,17 @@ class RMSNorm(nn.Module):
             return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
         return self._train_forward(x)
 
-    def forward_again(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[], torch.Tensor] | None]:
+    def forward_again(self, x: torch.Tensor, x_again: Callable[[], torch.Tensor] | None = None,
+                      ) -> tuple[torch.Tensor, Callable[[], torch.Tensor] | None]:
         """(``forward(x)``, a function recomputing that output bit for bit when this norm recomputes, else
-        None): a consumer may keep the function instead of the output, since the recompute region keeps x."""
-        out = self.forward(x)
-        return out, (functools.partial(self._again, x) if should_recompute(self.recompute) else None)
+        None): a consumer may keep the function instead of the output, since the recompute region keeps x.
+        With ``x_again`` (a function recomputing x) the norm keeps that instead of x."""
+        if not should_recompute(self.recompute):
+            return self.forward(x), None
+        if x_again is None or apex.applies(x):
+            return self.forward(x), functools.partial(self._again, x)
+        out = _RMSNormInputAgain.apply(x, self.weight, self.eps, x_again)
+        return out, lambda: self._again(x_again())
 
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = apex.fused_rms_norm(x, self.weight, self.eps)

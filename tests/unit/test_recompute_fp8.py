@@ -11,13 +11,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moelib.model import mla, mlp, moe
+from moelib.model import mla, mlp, moe, router
 from moelib.model.moe import GroupedExperts
-from moelib.model.norm import RMSNorm
 from moelib.model.recompute import SwiGLUCache, _Fp8GateUp
 from moelib.plan.activations import held_breakdown, held_per_token
 from moelib.precision import fp8
-from moelib.precision.backends import get_backend
+from moelib.precision.backends import Linear, get_backend
 from tests.unit.test_recompute import CFG, build, run_layer
 
 E4M3_REL = 2.0 ** -4   # round-to-nearest with 3 mantissa bits (REFERENCE §4)
@@ -181,9 +180,47 @@ def test_router_keeps_no_copy_of_the_normed_input(monkeypatch):
     residual anyway) instead of the fp32 normed input: every number the same, 4 * hidden bytes per token less."""
     new = run_layer(build("selective", "fp8-emulated"), "moe")
     new_bytes = held_per_token(CFG, "fp8-emulated", "selective", "moe", seq=16)
-    monkeypatch.setattr(RMSNorm, "forward_again", lambda self, x: (self.forward(x), None))
+    monkeypatch.setattr(router, "linear_input_again", lambda x, weight, again=None: F.linear(x, weight))
     old = run_layer(build("selective", "fp8-emulated"), "moe")
     old_bytes = held_per_token(CFG, "fp8-emulated", "selective", "moe", seq=16)
     assert torch.equal(new[0], old[0]) and torch.equal(new[1], old[1])
     assert new[2].keys() == old[2].keys() and all(torch.equal(new[2][k], old[2][k]) for k in old[2])
     assert old_bytes - new_bytes == 4 * CFG.hidden_size
+
+
+@pytest.mark.parametrize("backend", ["fp8-emulated", "bf16"])
+def test_the_residual_after_attention_is_rebuilt_not_kept(monkeypatch, backend):
+    """Under selective recompute the post-attention norm keeps a function rebuilding its input, the fp32
+    residual h = x + o_proj(a), from what is kept anyway (x by the input norm, o_proj's input by o_proj)
+    instead of h: every number the same, 4 * hidden bytes per token less in both kinds of layer."""
+    kinds = ("dense", "moe")
+    new = {kind: run_layer(build("selective", backend), kind) for kind in kinds}
+    new_bytes = {kind: held_per_token(CFG, backend, "selective", kind, seq=16) for kind in kinds}
+    monkeypatch.setattr(Linear, "forward_again", lambda self, x: (self(x), None))
+    for kind in kinds:
+        old = run_layer(build("selective", backend), kind)
+        assert torch.equal(new[kind][0], old[0]) and torch.equal(new[kind][1], old[1])
+        assert all(torch.equal(new[kind][2][k], old[2][k]) for k in old[2])
+        old_bytes = held_per_token(CFG, backend, "selective", kind, seq=16)
+        assert old_bytes - new_bytes[kind] == 4 * CFG.hidden_size, kind
+
+
+def test_mlp_gate_and_up_keep_the_norms_recomputation_instead_of_their_fp8_input(monkeypatch):
+    """Under the FP8 SwiGLU cache the dense MLP's and the shared experts' gate and up projections keep the
+    post-attention norm's recomputation instead of their one FP8 input copy: their weight gradients tile the
+    recomputed input once (rounding only), nothing else changes, and each layer keeps that copy less."""
+    kinds = ("dense", "moe")
+    new = {kind: run_layer(build("selective", "fp8-emulated"), kind) for kind in kinds}
+    new_bytes = {kind: held_per_token(CFG, "fp8-emulated", "selective", kind, seq=16) for kind in kinds}
+    real = mlp.MLP.forward
+    monkeypatch.setattr(mlp.MLP, "forward", lambda self, x, x_again=None: real(self, x))
+    h = CFG.hidden_size
+    for kind in kinds:
+        old = run_layer(build("selective", "fp8-emulated"), kind)
+        assert torch.equal(new[kind][0], old[0]) and torch.equal(new[kind][1], old[1])
+        changed = {k for k in old[2] if not torch.equal(new[kind][2][k], old[2][k])}
+        assert changed and all(k.endswith(("gate_proj.weight", "up_proj.weight")) for k in changed), changed
+        for k in changed:
+            assert float((new[kind][2][k] - old[2][k]).norm() / old[2][k].norm()) < 2 * E4M3_REL
+        old_bytes = held_per_token(CFG, "fp8-emulated", "selective", kind, seq=16)
+        assert old_bytes - new_bytes[kind] == h + 4 * -(-h // fp8.TILE), kind

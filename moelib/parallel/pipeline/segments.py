@@ -77,7 +77,8 @@ def forward_steps(stage: PipelineStage, inputs: torch.Tensor, labels: torch.Tens
             continue
         with autocast():
             h1 = layer.attention(h, cos, sin)
-            flat, indices, weights, scores = moe.route(*layer.post_attention_layernorm.forward_again(h1))
+            normed, again = layer.post_attention_layernorm.forward_again(h1)
+            flat, indices, weights, scores = moe.route(normed, again)
         h1, flat, weights, scores = rec.cut(h1, flat, weights, scores)
         d = moe.dispatcher
         if hasattr(d, "dispatch_start"):
@@ -102,7 +103,7 @@ def forward_steps(stage: PipelineStage, inputs: torch.Tensor, labels: torch.Tens
             routed_out = d.combine(y, state)
         (routed_out,) = rec.cut(routed_out, comm=True)
         with autocast():
-            h = h1 + moe.finish(flat, routed_out, indices, scores, counts, h1.shape)
+            h = h1 + moe.finish(flat, routed_out, indices, scores, counts, h1.shape, again)
     if not spec.is_last:
         (rec.output,) = rec.cut(h)
         return rec
