@@ -82,9 +82,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if should_recompute(self.recompute):
             return checkpoint(self.forward, x)
+        fused = apex.fused_rms_norm(x, self.weight, self.eps)
+        if fused is not None:
+            return fused
         if not torch.is_grad_enabled():  # inference: torch's rms_norm gives the same x·rsqrt(mean(x²) + eps)
             return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
-        return self._train_forward(x)
+        return _RMSNorm.apply(x, self.weight, self.eps)
 
     def forward_again(self, x: torch.Tensor, x_again: Callable[[], torch.Tensor] | None = None,
                       ) -> tuple[torch.Tensor, Callable[[], torch.Tensor] | None]:
@@ -98,13 +101,11 @@ class RMSNorm(nn.Module):
         out = _RMSNormInputAgain.apply(x, self.weight, self.eps, x_again)
         return out, lambda: self._again(x_again())
 
-    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = apex.fused_rms_norm(x, self.weight, self.eps)
-        return fused if fused is not None else _RMSNorm.apply(x, self.weight, self.eps)
-
     def _again(self, x: torch.Tensor) -> torch.Tensor:
+        """The training forward's output again, without autograd."""
         with torch.no_grad():
-            return self._train_forward(x)
+            fused = apex.fused_rms_norm(x, self.weight, self.eps)
+            return fused if fused is not None else _rms_forward(x, self.weight, self.eps)[0]
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
