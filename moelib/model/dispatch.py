@@ -1,52 +1,50 @@
 """Token movement between a MoE layer and its routed experts: the Dispatcher protocol and its one-process
 implementation.
 
-A dispatcher takes each token to the experts it was routed to and brings their outputs back, weighted by
-the gate values. ``LocalDispatcher`` (all experts on this process) is the model's default, so a model runs
-in one process without the parallel layer; moelib.parallel.expert_parallel.AllToAllDispatcher implements
-the same protocol over all-to-alls when experts are sharded. The row mechanics both use are in
-moelib.precision.rows.
+A dispatcher takes each token, with its gate values, to the experts it was routed to and brings their
+outputs back: each expert scales its output row by the row's gate value (GroupedExperts), so the combine is a
+plain sum. ``LocalDispatcher`` (all experts on this process) is the model's default, so a model runs in one
+process without the parallel layer; moelib.parallel.expert_parallel.AllToAllDispatcher implements the same
+protocol over all-to-alls when experts are sharded. The row mechanics both use are in moelib.precision.rows.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from moelib.precision.rows import gather_tokens, take_rows, weighted_sum
+from moelib.precision.rows import gather_tokens, sum_slots, take_rows
 
 
 class Dispatcher(ABC):
     """``dispatch(x, indices, weights, num_experts)`` returns the rows this process's experts must compute
-    (sorted by local expert), the row count of each local expert and a state; ``combine(y, state, quantize)``
-    returns sum_k weight_k * expert_k(x) per token, keeping y for the gate weights' gradient as
-    ``quantize`` says (the experts' ``output_quantize()``: FP8 under V3's selective recompute, else None).
-    ``run`` is both around the experts."""
+    (sorted by local expert), the row count of each local expert and a state whose ``row_weights`` [S] are
+    the rows' gate values; ``combine(y, state)`` returns each token's sum of its rows of y, the experts'
+    outputs already scaled by ``row_weights``. ``run`` is both around the experts."""
 
     @abstractmethod
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, num_experts: int):
         ...
 
     @abstractmethod
-    def combine(self, y: torch.Tensor, state, quantize: Callable | None = None) -> torch.Tensor:
+    def combine(self, y: torch.Tensor, state) -> torch.Tensor:
         ...
 
     def run(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts,
             num_experts: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(combine(experts(dispatch(...))) [N, H], rows per local expert [E_local]); ``num_experts`` is
-        the layer's (all ranks'), by default the experts'."""
+        """(sum_k weight_k * expert_k(x) [N, H], rows per local expert [E_local]); ``num_experts`` is the
+        layer's (all ranks'), by default the experts'."""
         rows, counts, state = self.dispatch(x, indices, weights, num_experts or experts.num_experts)
-        return self.combine(experts(rows, counts), state, output_quantize(experts)), counts
+        return self.combine(experts(rows, counts, state.row_weights), state), counts
 
 
 @dataclass
 class DispatchState:
-    order: torch.Tensor    # [N*k]: the (token, slot) pairs in expert order
-    inverse: torch.Tensor  # [N*k]: where each (token, slot) pair sits in expert order
-    weights: torch.Tensor  # [N, k]: gate values, applied when combining
+    order: torch.Tensor        # [N*k]: the (token, slot) pairs in expert order
+    inverse: torch.Tensor      # [N*k]: where each (token, slot) pair sits in expert order
+    row_weights: torch.Tensor  # [N*k]: the gate value of each row (pair in expert order)
     num_tokens: int
     top_k: int
 
@@ -65,15 +63,14 @@ class LocalDispatcher(Dispatcher):
         order, counts = by_expert(indices, num_experts)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         top_k = indices.shape[1]
-        state = DispatchState(order, inverse, weights, x.shape[0], top_k)
+        state = DispatchState(order, inverse, weights.reshape(-1).index_select(0, order), x.shape[0], top_k)
         no_padding = order[:0]
         return gather_tokens(x, order // top_k, no_padding, inverse, top_k), counts, state
 
-    def combine(self, y: torch.Tensor, state: DispatchState, quantize: Callable | None = None) -> torch.Tensor:
-        """y [N*k, H] in expert order -> sum_k weight_k * y_k per token, [N, H]."""
+    def combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """y [N*k, H] in expert order -> sum_k y_k per token, [N, H]."""
         unsorted = take_rows(y, state.inverse, state.order, state.order[:0])
-        unsorted = unsorted.view(state.num_tokens, state.top_k, y.shape[-1])
-        return weighted_sum(unsorted, state.weights, quantize)
+        return sum_slots(unsorted.view(state.num_tokens, state.top_k, y.shape[-1]))
 
     def run(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts,
             num_experts: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,15 +85,10 @@ class LocalDispatcher(Dispatcher):
         pos = torch.empty_like(order).index_copy_(0, order, layout.rows)  # each pair's row in the layout
         pair = order.index_select(0, layout.source)  # the pair each row holds (any, for padding)
         rows = gather_tokens(x, pair // top_k, layout.padding, pos, top_k)
+        probs = weights.reshape(-1).index_select(0, pair).index_fill(0, layout.padding, 0)
         # Back per (token, slot): the layout read in token order.
-        out = take_rows(experts.compute(rows, layout.counts), pos, pair, layout.padding)
-        return weighted_sum(out.view(x.shape[0], top_k, out.shape[-1]), weights, output_quantize(experts)), counts
-
-
-def output_quantize(experts) -> Callable | None:
-    """How the combine keeps ``experts``' outputs (GroupedExperts.output_quantize; None for a plain callable)."""
-    quantize = getattr(experts, "output_quantize", None)
-    return quantize() if quantize is not None else None
+        out = take_rows(experts.compute(rows, layout.counts, probs), pos, pair, layout.padding)
+        return sum_slots(out.view(x.shape[0], top_k, out.shape[-1])), counts
 
 
 def few_rows(indices: torch.Tensor, num_experts: int) -> bool:
@@ -112,6 +104,6 @@ def run_chosen(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
     rows (the backend's grouped GEMM skips experts without rows); no autograd."""
     top_k = indices.shape[1]
     order, counts = by_expert(indices, experts.num_experts)
-    y = experts.compute(x.index_select(0, order // top_k), counts)
+    y = experts.compute(x.index_select(0, order // top_k), counts, weights.reshape(-1).index_select(0, order))
     pairs = torch.empty_like(y).index_copy_(0, order, y)  # back in (token, slot) order
-    return weighted_sum(pairs.view(x.shape[0], top_k, y.shape[-1]), weights), counts
+    return sum_slots(pairs.view(x.shape[0], top_k, y.shape[-1])), counts

@@ -13,6 +13,8 @@ reference).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -51,18 +53,27 @@ class MLA(nn.Module):
         self.o_proj = Linear(self.n_heads * self.v_dim, h, backend, pow2_input=True)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+        return self.o_proj(self.output_heads(x, cos, sin, cache))
+
+    def forward_again(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      cache=None) -> tuple[torch.Tensor, Callable[[], torch.Tensor] | None]:
+        """(``forward(...)``, a function recomputing it from what o_proj keeps, or None: Linear.forward_again)."""
+        return self.o_proj.forward_again(self.output_heads(x, cos, sin, cache))
+
+    def output_heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+        """The attention output, heads concatenated [B, T, heads·v_head_dim]: o_proj's input."""
         bsz, seqlen, _ = x.shape
         with shared_input(x):  # one FP8 copy of x kept for both projections, as V3's one fused GEMM
             q_in = self.q_proj(x) if hasattr(self, "q_proj") else self.q_a_proj(x)
             kv_in = self.kv_a_proj_with_mqa(x)
         if cache is not None:
             out = self.attend_cached(q_in, kv_in, cos, sin, cache)
-            return self.o_proj(out.reshape(bsz, seqlen, self.n_heads * self.v_dim))
+            return out.reshape(bsz, seqlen, self.n_heads * self.v_dim)
         if should_recompute(self.recompute_up_proj):
             out = checkpoint(self.attend, q_in, kv_in, cos, sin, keep=keep_attention_core)
         else:
             out = self.attend(q_in, kv_in, cos, sin)
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.v_dim))
+        return out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.v_dim)
 
     def attend(self, q_in: torch.Tensor, kv_in: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """From the latents to the attention output [B, heads, T, v_head_dim]: up-projections, RoPE, core.

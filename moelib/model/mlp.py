@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -20,11 +22,17 @@ class MLP(nn.Module):
         self.up_proj = Linear(hidden, inter, backend)
         self.down_proj = Linear(inter, hidden, backend)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_again: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """``x_again``: a function recomputing x in backward (the norm's, when it recomputes). Under the FP8
+        SwiGLU cache the gate and up projections keep it instead of their FP8 input: their weight gradients
+        then tile the recomputed input once instead of re-tiling the forward's FP8 copy (rounding only)."""
         # One copy of the input serves both projections, as in V3's fused gate+up GEMM: cast once to the
-        # compute dtype, quantised once under FP8, and saved once for backward.
-        x = x.to(compute_dtype(x))
+        # compute dtype, quantised once under FP8, and saved once for backward (unless kept as x_again).
+        dtype = compute_dtype(x)
+        x = x.to(dtype)
+        fp8_cache = self.recompute_swiglu is not None and self.recompute_swiglu.quantize is not None
+        again = (lambda: x_again().to(dtype)) if x_again is not None and fp8_cache else None
         with shared_input(x):
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            gate, up = self.gate_proj(x, input_again=again), self.up_proj(x, input_again=again)
         hidden, again = swiglu_again(gate, up, self.recompute_swiglu)
         return self.down_proj(hidden, input_again=again)

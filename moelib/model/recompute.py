@@ -10,9 +10,9 @@ no model module, so every model file can import it.
 Numerics do not change: a region's backward is the original graph (non-reentrant torch.utils.checkpoint)
 fed with bit-identical recomputed tensors, and the SwiGLU backward is autograd's own on the recomputed
 product. The one exception is deliberate and V3's (REFERENCE §4 "Storage"): with SwiGLU inputs cached in FP8,
-gradients are computed from the FP8-rounded gate and up, the down projection's weight gradient from
-SwiGLU's output recomputed from them (that GEMM keeps no input of its own), and the gate weights' gradient
-from the routed experts' outputs kept in FP8 (``fp8_quantize``); the forward is unchanged.
+gradients are computed from the FP8-rounded gate and up, including the down projection's weight gradient
+(from SwiGLU's output recomputed from them: that GEMM keeps no input of its own) and the gate weights'
+gradient (routed experts scale SwiGLU's output by them, ``probs``); the forward is unchanged.
 
 Side effects are not repeated when a region is recomputed: MoE.finish checks ``recomputing()`` before
 adding expert loads and the aux loss, and FP8 telemetry is not sampled. A recomputed MoE layer under expert
@@ -110,13 +110,24 @@ class SwiGLUCache:
     pow2_scale: bool = False
 
 
+def scale_rows(out: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
+    """out [S, I] with row s multiplied by probs[s] (the routed expert's gate value) and rounded once to out's
+    dtype; out itself when probs is None."""
+    return out if probs is None else (out * probs.unsqueeze(-1)).to(out.dtype)
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
+    return scale_rows(F.silu(gate) * up, probs)
+
+
 class _Fp8GateUp:
     """Gate and up in E4M3 (1×128 tiles): what a recomputed SwiGLU keeps, read again by its backward and by
     the next GEMM's (``output``: V3 recomputes SwiGLU's output for the down projection's weight gradient
     instead of keeping that GEMM's FP8 input too)."""
 
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, cache: SwiGLUCache):
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, probs: torch.Tensor | None, cache: SwiGLUCache):
         self.meta = [(t.shape, t.dtype) for t in (gate, up)]
+        self.probs = None if probs is None else probs.detach()
         self.saved = []
         for t, name in ((gate, "SwiGLU gate"), (up, "SwiGLU up")):
             self.saved.append(cache.quantize(t.reshape(-1, t.shape[-1]), (1, fp8.TILE),
@@ -127,33 +138,36 @@ class _Fp8GateUp:
                      for (data, scale), (shape, dtype) in zip(self.saved, self.meta))
 
     def output(self) -> torch.Tensor:
-        gate, up = self.inputs()
-        return F.silu(gate) * up
+        return _swiglu(*self.inputs(), self.probs)
 
 
 class _RecomputedSwiGLU(torch.autograd.Function):
-    """silu(gate) * up keeping only gate and up (``kept`` gets the _Fp8GateUp when they are kept in FP8);
-    backward recomputes the product and runs autograd on it."""
+    """silu(gate) * up (rows scaled by ``probs`` if given) keeping only gate, up and probs (``kept`` gets the
+    _Fp8GateUp when gate and up are kept in FP8); backward recomputes the product and runs autograd on it,
+    so probs' gradient <grad, silu(gate) * up> needs no copy of the product."""
 
     @staticmethod
-    def forward(ctx, gate, up, cache: SwiGLUCache, kept: list):
-        out = F.silu(gate) * up
+    def forward(ctx, gate, up, probs, cache: SwiGLUCache, kept: list):
+        out = _swiglu(gate, up, probs)
         ctx.fp8 = cache.quantize is not None and gate.numel() > 0
         if ctx.fp8:
-            ctx.gate_up = _Fp8GateUp(gate, up, cache)
+            ctx.gate_up = _Fp8GateUp(gate, up, probs, cache)
             kept.append(ctx.gate_up)
         else:
-            ctx.save_for_backward(gate, up)
+            ctx.save_for_backward(gate, up, probs)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        gate, up = ctx.gate_up.inputs() if ctx.fp8 else ctx.saved_tensors
+        if ctx.fp8:
+            (gate, up), probs = ctx.gate_up.inputs(), ctx.gate_up.probs
+        else:
+            gate, up, probs = ctx.saved_tensors
+        inputs = [t.detach().requires_grad_() for t in (gate, up) + ((probs,) if probs is not None else ())]
         with torch.enable_grad():
-            gate, up = gate.detach().requires_grad_(), up.detach().requires_grad_()
-            out = F.silu(gate) * up
-        grad_gate, grad_up = torch.autograd.grad(out, (gate, up), grad)
-        return grad_gate, grad_up, None, None
+            out = _swiglu(*inputs[:2], inputs[2] if probs is not None else None)
+        grads = torch.autograd.grad(out, inputs, grad)
+        return grads[0], grads[1], grads[2] if probs is not None else None, None, None
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, cache: SwiGLUCache | None = None) -> torch.Tensor:
@@ -161,20 +175,48 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, cache: SwiGLUCache | None = Non
     return swiglu_again(gate, up, cache)[0]
 
 
-def swiglu_again(gate: torch.Tensor, up: torch.Tensor,
-                 cache: SwiGLUCache | None = None) -> tuple[torch.Tensor, Callable[[], torch.Tensor] | None]:
-    """(``swiglu(gate, up, cache)``, a function recomputing it from the FP8 copies of gate and up when they
-    are kept so, else None): the next GEMM may keep that function instead of its input."""
+def swiglu_again(gate: torch.Tensor, up: torch.Tensor, cache: SwiGLUCache | None = None,
+                 probs: torch.Tensor | None = None) -> tuple[torch.Tensor, Callable[[], torch.Tensor] | None]:
+    """(``swiglu(gate, up, cache)`` with row s scaled by ``probs[s]`` when given (a routed expert's gate
+    value, folded in before the down projection so that the combine is a plain sum), a function recomputing
+    it from the FP8 copies of gate and up when they are kept so, else None): the next GEMM may keep that
+    function instead of its input."""
     if should_recompute(cache is not None):
         kept: list[_Fp8GateUp] = []
-        out = _RecomputedSwiGLU.apply(gate, up, cache, kept)
+        out = _RecomputedSwiGLU.apply(gate, up, probs, cache, kept)
         return out, (kept[0].output if kept else None)
-    return F.silu(gate) * up, None
+    return _swiglu(gate, up, probs), None
 
 
-def fp8_quantize(cache: SwiGLUCache | None) -> Callable | None:
-    """The FP8 quantise (with the cache's scale rounding) under which more of a recomputing module's
-    activations are kept in E4M3 (the routed experts' outputs for the combine's weight gradient), or None."""
-    if should_recompute(cache is not None and cache.quantize is not None):
-        return functools.partial(cache.quantize, pow2_scale=cache.pow2_scale)
-    return None
+# ---- a Linear that keeps a recomputation of its input ---------------------------------------------------
+
+
+class _LinearInputAgain(torch.autograd.Function):
+    """F.linear(x, weight) keeping ``again`` (a function returning x) instead of x; backward reruns F.linear on
+    the recomputed x and takes autograd's own gradients of it, so they are those of F.linear, bit for bit."""
+
+    @staticmethod
+    def forward(ctx, x, weight, again: Callable[[], torch.Tensor]):
+        ctx.again = again
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        x = ctx.again().detach().requires_grad_(ctx.needs_input_grad[0])
+        weight = weight.detach().requires_grad_(ctx.needs_input_grad[1])
+        wanted = [t for t in (x, weight) if t.requires_grad]
+        with torch.enable_grad():
+            out = F.linear(x, weight)
+        grads = iter(torch.autograd.grad(out, wanted, grad))
+        return (next(grads) if x.requires_grad else None), (next(grads) if weight.requires_grad else None), None
+
+
+def linear_input_again(x: torch.Tensor, weight: torch.Tensor,
+                       again: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """F.linear(x, weight); with ``again`` (a function recomputing x in backward, e.g. RMSNorm.forward_again's)
+    x is not kept for the weight's gradient."""
+    if again is None or not torch.is_grad_enabled():
+        return F.linear(x, weight)
+    return _LinearInputAgain.apply(x, weight, again)

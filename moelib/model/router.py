@@ -7,11 +7,13 @@ counts of the batch just finished, never by gradients.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moelib.config import ModelConfig
+from moelib.model.recompute import linear_input_again
 
 
 def group_limited_topk(biased: torch.Tensor, top_k: int, n_group: int, topk_group: int,
@@ -65,14 +67,17 @@ class Router(nn.Module):
         # Node-limited routing, (experts_per_node, max_nodes); set by moelib.parallel.expert_parallel.
         self.node_limit: tuple[int, int] | None = None
 
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
+    def scores(self, x: torch.Tensor, x_again: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """Scores [N, E] fp32; ``x_again`` (a function recomputing x in backward) spares keeping x."""
+        again = None if x_again is None else (lambda: x_again().float())
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())
+            logits = linear_input_again(x.float(), self.weight.float(), again)
         return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor,
+                x_again: Callable[[], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, hidden] -> (indices [N, k], gate weights [N, k] fp32, scores [N, E] fp32)."""
-        scores = self.scores(x)
+        scores = self.scores(x, x_again)
         with torch.no_grad():
             biased = scores + self.e_score_correction_bias
             if self.node_limit is not None:

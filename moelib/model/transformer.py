@@ -42,8 +42,14 @@ class DecoderLayer(nn.Module):
         """``cache``: this layer's view of an inference KV cache (see moelib.model.mla)."""
         if should_recompute(self.recompute_layer):
             return checkpoint(self.forward, x, cos, sin)
-        x = self.attention(x, cos, sin, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn, attn_again = self.self_attn.forward_again(self.input_layernorm(x), cos, sin, cache)
+        h = x + attn
+        # The residual h need not be kept when attention's output can be recomputed (x is kept by the input
+        # norm anyway): the post-attention norm keeps this instead, and the MLP (router, gate and up
+        # projections) the norm's recomputation.
+        h_again = None if attn_again is None else (lambda: x + attn_again())
+        normed, again = self.post_attention_layernorm.forward_again(h, h_again)
+        return h + self.mlp(normed, again)
 
     def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
         """The first residual block (the pipeline's overlapped schedule runs the MoE half in pieces)."""

@@ -2,7 +2,8 @@
 
 Dispatch sends each token ONCE per destination rank, with the local expert ids it picked there and their
 gate values; the receiver expands (token, local expert) pairs and sorts them by expert for the grouped
-GEMM. Combine weights and sums the outputs of the receiver's experts per received token, sends one vector
+GEMM (the experts scale their outputs by the gate values). Combine sums the outputs of the receiver's experts
+per received token, sends one vector
 per (token, rank) back, and the source sums over ranks. No token is dropped.
 
 Backward of dispatch is a combine and vice versa. Every reduction (a token's copies over ranks, a row's
@@ -18,7 +19,6 @@ all-to-alls send bf16 (gate values and their gradients stay fp32).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +29,7 @@ from moelib.errors import ConfigError
 from moelib.model.dispatch import Dispatcher
 from moelib.model.moe import MoE
 from moelib.precision.fp8 import TILE, dequantize, quantize
-from moelib.precision.rows import weighted_sum
+from moelib.precision.rows import sum_slots
 
 _WIRE_BF16 = torch.bfloat16
 
@@ -194,7 +194,7 @@ class _CombineExchange(torch.autograd.Function):
 @dataclass
 class EpDispatchState:
     route: _Route
-    recv_weights: torch.Tensor  # [R, k]: gate value per received (row, slot), 0 where the slot is unused
+    row_weights: torch.Tensor   # [pairs]: gate value of each pair in expert order (the experts' rows)
     table: torch.Tensor         # [R, k]: each (row, slot)'s position in expert order (pad = pairs)
     pair_flat: torch.Tensor     # [pairs]: row*k + slot of each pair in expert order
 
@@ -349,26 +349,25 @@ class AllToAllDispatcher(Dispatcher):
         table[pair_flat] = torch.arange(pairs, device=ids.device)
         table = table.view(rows, k)
         expanded = _Expand.apply(recv_x, pair_flat // k, table)
-        return expanded, counts, EpDispatchState(route, recv_w, table, pair_flat)
+        row_weights = recv_w.reshape(-1).index_select(0, pair_flat)
+        return expanded, counts, EpDispatchState(route, row_weights, table, pair_flat)
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, num_experts: int):
         return self.dispatch_start(x, indices, weights, num_experts).wait()
 
     # -- combine -------------------------------------------------------------------------------------
 
-    def combine_start(self, y: torch.Tensor, state: EpDispatchState,
-                      quantize: Callable | None = None) -> CombineHandle:
-        """Weight and sum this rank's expert outputs per received row, and post the send back; ``quantize``
-        as in Dispatcher.combine."""
-        slots = _Collect.apply(y, state.table, state.pair_flat)  # [R, k, H]
-        rows = weighted_sum(slots, state.recv_weights, quantize)
+    def combine_start(self, y: torch.Tensor, state: EpDispatchState) -> CombineHandle:
+        """Sum this rank's (already weighted) expert outputs per received row, and post the send back."""
+        slots = _Collect.apply(y, state.table, state.pair_flat)  # [R, k, H], zeros in unused slots
+        rows = sum_slots(slots)
         wire = _WIRE_BF16 if self.fp8 else rows.dtype
         with torch.no_grad():
             inflight = state.route.exchange(_pack([rows.detach().to(wire)]), False, True, self.bytes_sent, "combine")
         return CombineHandle(rows, _Received(inflight, wire, rows.shape[1]), self, state.route)
 
-    def combine(self, y: torch.Tensor, state: EpDispatchState, quantize: Callable | None = None) -> torch.Tensor:
-        return self.combine_start(y, state, quantize).wait()
+    def combine(self, y: torch.Tensor, state: EpDispatchState) -> torch.Tensor:
+        return self.combine_start(y, state).wait()
 
 
 # ---------------------------------------------------------------------------------------------------

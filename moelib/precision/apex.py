@@ -36,8 +36,13 @@ def on_gpu(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
+def applies(x: torch.Tensor) -> bool:
+    """Whether ``fused_rms_norm`` runs Apex's kernel for this input."""
+    return FusedRMSNormAffineMixedDtypesFunction is not None and ENABLED and on_gpu(x)
+
+
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """Apex's kernel for this input, or None where it does not apply (no Apex, turned off, not a GPU tensor)."""
-    if FusedRMSNormAffineMixedDtypesFunction is None or not ENABLED or not on_gpu(x):
+    if not applies(x):
         return None
     return FusedRMSNormAffineMixedDtypesFunction.apply(x, weight, tuple(weight.shape), eps)

@@ -27,7 +27,15 @@ from torch import nn
 from moelib.config import PrecisionConfig
 from moelib.errors import BackendUnavailableError
 from moelib.precision.grouped import expert_row_multiple, grouped_linear, linear
-from moelib.precision.linear import EMULATED, Fp8Kernels, Fp8Options, fp8_grouped_linear, fp8_linear, triton_kernels
+from moelib.precision.linear import (
+    EMULATED,
+    Fp8Kernels,
+    Fp8Options,
+    fp8_grouped_linear,
+    fp8_linear,
+    outputs_again,
+    triton_kernels,
+)
 from moelib.precision.telemetry import telemetry_for
 
 
@@ -173,6 +181,13 @@ class Linear(nn.Module):
         """x·weightᵀ; ``input_again`` (see Backend.linear) lets an FP8 backend keep no copy of x."""
         return self.backend.linear(x, self.weight, pow2_input=self.pow2_input, name=self.name,
                                    input_again=input_again)
+
+    def forward_again(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[], torch.Tensor] | None]:
+        """(``forward(x)``, a function recomputing that output bit for bit from what the backend keeps for
+        backward anyway, or None where the backend offers none (Transformer Engine, no autograd))."""
+        with outputs_again() as seen:
+            y = self(x)
+        return y, (seen[-1] if seen else None)
 
     def extra_repr(self) -> str:
         pow2 = ", pow2_input" if self.pow2_input else ""

@@ -9,11 +9,13 @@ because torch's own backward rejects the stride-0 gradients that reductions prod
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from moelib.precision import weight_cache
-from moelib.precision.linear import compute_dtype
+from moelib.precision.linear import compute_dtype, record_output_again
 from moelib.precision.weight_grad import accumulate_weight_grad, add_mm_, write_
 
 
@@ -139,6 +141,7 @@ class _Linear(torch.autograd.Function):
         x_c, w_c = x.to(dtype), weight_cache.cast(weight, dtype)
         ctx.save_for_backward(x_c, w_c)
         ctx.weight, ctx.x_dtype = weight, x.dtype
+        record_output_again(functools.partial(_linear_again, x_c, w_c))
         return F.linear(x_c, w_c)
 
     @staticmethod
@@ -151,6 +154,12 @@ class _Linear(torch.autograd.Function):
             grad_w = accumulate_weight_grad(ctx.weight, lambda g, accumulate: add_mm_(
                 g, grad_out.reshape(-1, grad_out.shape[-1]).t(), x.reshape(-1, x.shape[-1]), accumulate))
         return grad_x, grad_w, None
+
+
+def _linear_again(x_c: torch.Tensor, w_c: torch.Tensor) -> torch.Tensor:
+    """_Linear's forward GEMM again, from its kept operands."""
+    with torch.no_grad(), torch.autocast(x_c.device.type, enabled=False):
+        return F.linear(x_c, w_c)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ The weight-grad GEMM goes straight into ``weight.grad`` and can be deferred (moe
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -109,6 +110,32 @@ def shared_input(x: torch.Tensor) -> Iterator[None]:
         _shared.x, _shared.quantized = prev
 
 
+class _OutputsAgain(threading.local):
+    seen: list | None = None  # set inside ``outputs_again``
+
+
+_outputs_again = _OutputsAgain()
+
+
+@contextlib.contextmanager
+def outputs_again() -> Iterator[list]:
+    """Collects, for the Linears called inside the block with autograd on, functions recomputing their outputs
+    bit for bit from what they keep for backward anyway (their input, FP8 or not, and weight): a caller may
+    keep such a function instead of the output, or of a sum it went into."""
+    prev = _outputs_again.seen
+    _outputs_again.seen = seen = []
+    try:
+        yield seen
+    finally:
+        _outputs_again.seen = prev
+
+
+def record_output_again(again: Callable[[], torch.Tensor]) -> None:
+    """Hands ``again`` to the enclosing ``outputs_again`` block, if any."""
+    if _outputs_again.seen is not None:
+        _outputs_again.seen.append(again)
+
+
 def _quantize_input(k: Fp8Kernels, x: torch.Tensor, x2: torch.Tensor, pow2: bool,
                     name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x2 (x as [tokens, features]) in 1×128 tiles; once per ``shared_input`` block when x is its tensor."""
@@ -141,6 +168,9 @@ class Fp8LinearFunction(torch.autograd.Function):
         ctx.input_again = input_again
         if input_again is not None:
             qx = sx = qx.new_empty(0)  # a new storage: a view would keep the FP8 input alive
+        else:
+            record_output_again(functools.partial(_fp8_output, k, qx, sx, weight, opts, name, out_dtype,
+                                                  (*x.shape[:-1], weight.shape[0])))
         ctx.save_for_backward(qx, sx, weight)
         ctx.weight = weight  # the parameter object itself, whose .grad dW goes into (a saved tensor may be a copy)
         ctx.opts, ctx.name, ctx.x_shape, ctx.x_dtype = opts, name, x.shape, x.dtype
@@ -170,6 +200,13 @@ class Fp8LinearFunction(torch.autograd.Function):
                 grad_w = accumulate_weight_grad(ctx.weight, lambda g, accumulate: write_(
                     g, k.fp8_gemm(*ops, torch.float32, b_block=ACT), accumulate))
         return grad_x, grad_w, None, None, None, None
+
+
+def _fp8_output(k: Fp8Kernels, qx, sx, weight, opts: Fp8Options, name: str, dtype: torch.dtype,
+                shape: torch.Size) -> torch.Tensor:
+    """Fp8LinearFunction's forward GEMM again, from its kept FP8 input."""
+    with torch.no_grad(), torch.autocast(qx.device.type, enabled=False):
+        return k.fp8_gemm(qx, sx, *_quantized_weight(k, weight, opts.pow2_scales, name), dtype).view(shape)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, opts: Fp8Options = Fp8Options(), name: str = "linear",

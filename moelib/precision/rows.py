@@ -5,7 +5,7 @@ The routed experts' grouped GEMM takes rows grouped by expert. Where the backend
 count), each group is padded to a multiple of rows, or every group to the largest (one batched GEMM,
 ``grouped.equal_group_size``): ``pad_groups`` computes that layout, ``pad_rows`` / ``take_rows`` move rows
 into and out of it. ``gather_tokens`` copies tokens straight into it (one copy per chosen expert), and
-``weighted_sum`` / ``sum_slots`` reduce a token's k expert outputs. All of these are gathers with a
+``sum_slots`` reduces a token's k expert outputs. All of these are gathers with a
 fixed-order backward (never an index-accumulate), so gradients are bit-for-bit deterministic; the custom
 autograd functions exist because torch's own backwards of these gathers are slower on CPU (benchmarks/HISTORY.md).
 Nothing here knows about experts or routing: the dispatchers (moelib.model.dispatch,
@@ -14,12 +14,9 @@ moelib.parallel.expert_parallel) use these to move tokens.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-from moelib.precision import fp8
 
 
 @dataclass
@@ -105,56 +102,32 @@ class _GatherTokens(torch.autograd.Function):
 
 def sum_slots(v: torch.Tensor) -> torch.Tensor:
     """v [N, k, H] -> sum over k in fp32, rounded once to v's dtype: what ``v.sum(1)`` computes, with one
-    pass per slot (the strided reduction over k is slower on CPU)."""
+    pass per slot (the strided reduction over k is slower on CPU). The combine: a token's k expert outputs,
+    already scaled by their gate values, summed; nothing is kept for backward."""
+    if torch.is_grad_enabled() and v.requires_grad:
+        return _SumSlots.apply(v)
+    return _sum_slots(v)
+
+
+def _sum_slots(v: torch.Tensor) -> torch.Tensor:
     acc = v[:, 0].to(torch.float32, copy=True)
     for j in range(1, v.shape[1]):
         acc.add_(v[:, j])
     return acc.to(v.dtype)
 
 
-class _WeightedSum(torch.autograd.Function):
-    """sum_k w[:, k] * y[:, k] for y [N, k, H] and w [N, k] of y's dtype, accumulated in fp32 and rounded
-    once, as the batched GEMM w[:, None] @ y computes it; one pass per slot instead of
-    thousands of [1, k] @ [k, H] GEMMs, which are slower on CPU. y is kept only for w's gradient
-    (<grad, y_k>): with ``quantize`` (an FP8 kernels' quantise), as E4M3 in 1×128 tiles."""
+class _SumSlots(torch.autograd.Function):
+    """sum_slots with autograd: the backward copies the token's gradient to each of its k slots (autograd's
+    own backward of the k slice-adds would build k zero-filled [N, k, H] gradients)."""
 
     @staticmethod
-    def forward(ctx, y, w, quantize):
-        ctx.fp8 = quantize is not None and y.numel() > 0
-        if ctx.fp8:
-            ctx.y_meta = y.shape, y.dtype
-            ctx.save_for_backward(*quantize(y.reshape(-1, y.shape[-1]), (1, fp8.TILE),
-                                            name="routed expert outputs"), w)
-        else:
-            ctx.save_for_backward(y, w)
-        return _weighted_sum(y, w)
+    def forward(ctx, v):
+        ctx.top_k = v.shape[1]
+        return _sum_slots(v)
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.fp8:
-            data, scale, w = ctx.saved_tensors
-            shape, dtype = ctx.y_meta
-            y = fp8.dequantize(data, scale, (1, fp8.TILE), dtype).view(shape)
-        else:
-            y, w = ctx.saved_tensors
-        grad_y = grad.unsqueeze(1) * w.unsqueeze(-1) if ctx.needs_input_grad[0] else None
-        grad_w = torch.bmm(y, grad.unsqueeze(-1)).squeeze(-1) if ctx.needs_input_grad[1] else None
-        return grad_y, grad_w, None
-
-
-def _weighted_sum(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    acc = y[:, 0].to(torch.float32, copy=True).mul_(w[:, :1])
-    for j in range(1, y.shape[1]):
-        acc.addcmul_(y[:, j], w[:, j:j + 1])
-    return acc.to(y.dtype)
-
-
-def weighted_sum(y: torch.Tensor, weights: torch.Tensor, quantize: Callable | None = None) -> torch.Tensor:
-    """y [N, k, H], weights [N, k] -> sum_k weights_k * y_k, [N, H] in y's dtype (weights rounded to it).
-    ``quantize``: keep y for the weights' gradient in FP8 (see _WeightedSum); without autograd nothing is kept."""
-    if not torch.is_grad_enabled():
-        return _weighted_sum(y, weights.to(y.dtype))
-    return _WeightedSum.apply(y, weights.to(y.dtype), quantize)
+        return grad.unsqueeze(1).expand(-1, ctx.top_k, -1).contiguous()
 
 
 def pad_rows(x: torch.Tensor, layout: PaddedRows) -> torch.Tensor:
@@ -173,8 +146,8 @@ def gather_tokens(x: torch.Tensor, token_of_row: torch.Tensor, padding: torch.Te
     return _GatherTokens.apply(x, token_of_row, padding, pos, top_k)
 
 
-def run_in_layout(fn, x: torch.Tensor, layout: PaddedRows) -> torch.Tensor:
-    """fn(rows, counts) computed on x's rows padded into ``layout``, the padding rows' outputs dropped: zero
-    rows in, so the result and every gradient are as unpadded."""
-    y = fn(pad_rows(x, layout), layout.counts)
+def run_in_layout(fn, x: torch.Tensor, layout: PaddedRows, *per_row: torch.Tensor) -> torch.Tensor:
+    """fn(rows, counts, *per_row) computed on x's rows (and each per-row tensor's) padded into ``layout``, the
+    padding rows' outputs dropped: zero rows in, so the result and every gradient are as unpadded."""
+    y = fn(pad_rows(x, layout), layout.counts, *(pad_rows(t, layout) for t in per_row))
     return take_rows(y, layout.rows, layout.source, layout.padding)

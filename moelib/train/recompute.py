@@ -14,8 +14,9 @@
                  fused kernel it replaces);
                - SwiGLU keeps gate and up (in FP8, 1×128 tiles, under an FP8 backend, as V3 does for the
                  MoE) and recomputes silu(gate)·up; under FP8 the down projection then keeps no input (its
-                 weight gradient reads the recomputed product) and the combine keeps the routed experts'
-                 outputs, which only the gate weights' gradient reads, in FP8 too.
+                 weight gradient reads the recomputed product). Routed experts scale that product by the
+                 gate value (always, not only here), so the gate value's gradient reads it too and the
+                 combine keeps nothing.
     full       every decoder layer keeps only its input and is rerun in backward. Where the pipeline's
                overlapped schedule runs a MoE layer in pieces around its all-to-alls, the attention half
                is recomputed whole and the rest as in selective.

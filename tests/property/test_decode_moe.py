@@ -54,7 +54,7 @@ def test_decode_moe_equals_the_grouped_path(n_experts, data, hidden, inter, seed
         with torch.enable_grad():  # the training path: rows padded where the backend asks, every group run
             assert not few_rows(indices, n_experts)
             rows, ref_counts, state = disp.dispatch(tokens, indices, weights, n_experts)
-            ref = disp.combine(experts(rows, ref_counts), state).detach()
+            ref = disp.combine(experts(rows, ref_counts, state.row_weights), state).detach()
     assert torch.equal(counts, ref_counts) and ours.dtype == ref.dtype
     if ours.dtype == torch.float32:
         torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)

@@ -23,7 +23,7 @@ from moelib.model.recompute import SwiGLUCache
 from moelib.precision import grouped
 from moelib.precision.backends import get_backend
 from moelib.precision.grouped import grouped_linear
-from moelib.precision.rows import _PadRows, _TakeRows, pad_groups, sum_slots, weighted_sum
+from moelib.precision.rows import _PadRows, _TakeRows, pad_groups, sum_slots
 
 SEEDS = st.integers(0, 2**31 - 1)
 # Feature sizes: multiples of 8 take torch's grouped_mm, the others the loop over experts.
@@ -185,11 +185,13 @@ def test_both_grouped_paths_are_exercised():
 # ---------------------------------------------------------------------------------------------------
 
 
-def reference_experts(x64, gate_up64, down64, counts, inter):
+def reference_experts(x64, gate_up64, down64, counts, inter, probs64=None):
+    """Row r: probs64[r] (1 if None) times its expert's SwiGLU MLP of x64[r], in fp64."""
     out = torch.zeros(x64.shape[0], down64.shape[1], dtype=torch.float64)
     for e, rows in segments(counts):
         for r in rows:
-            out[r] = swiglu64(x64[r], gate_up64[e, :inter], gate_up64[e, inter:], down64[e])
+            y = swiglu64(x64[r], gate_up64[e, :inter], gate_up64[e, inter:], down64[e])
+            out[r] = y if probs64 is None else probs64[r] * y
     return out
 
 
@@ -207,21 +209,24 @@ def test_grouped_experts_fp32_forward_and_gradients(counts, hidden, inter, seed,
     experts = GroupedExperts(n_experts, hidden, inter, backend)
     init_(experts, gen, scale=2.0)
     x = torch.randn(rows, hidden, generator=gen).requires_grad_()
+    probs = torch.rand(rows, generator=gen).requires_grad_()  # each row's gate value
     g = torch.randn(rows, hidden, generator=gen)
     with mock.patch.object(backend, "expert_row_multiple", return_value=multiple), \
             mock.patch.object(GroupedExperts, "equal_groups_up_to", equal_up_to):
-        y = experts(x, torch.tensor(counts))
+        y = experts(x, torch.tensor(counts), probs)
     assert y.shape == (rows, hidden)
     (y * g).sum().backward()
 
     x64 = x.detach().double().requires_grad_()
+    p64 = probs.detach().double().requires_grad_()
     gu64 = experts.gate_up_proj.detach().double().requires_grad_()
     d64 = experts.down_proj.detach().double().requires_grad_()
-    ref = reference_experts(x64, gu64, d64, counts, inter)
+    ref = reference_experts(x64, gu64, d64, counts, inter, p64)
     (ref * g.double()).sum().backward()
     tol = dict(rtol=1e-5, atol=1e-5 * (1 + math.sqrt(max(hidden, inter, rows))))
     torch.testing.assert_close(y.detach().double(), ref.detach(), **tol)
     torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
+    torch.testing.assert_close(probs.grad.double(), p64.grad, **tol)
     torch.testing.assert_close(experts.gate_up_proj.grad.double(), gu64.grad, **tol)
     torch.testing.assert_close(experts.down_proj.grad.double(), d64.grad, **tol)
 
@@ -298,7 +303,7 @@ def test_grouped_experts_bf16_backend(counts, hidden, inter, seed):
     init_(experts, gen, scale=2.0)
     x = torch.randn(sum(counts), hidden, generator=gen)
     with backend.autocast():
-        y = experts(x, torch.tensor(counts))
+        y = experts(x, torch.tensor(counts), torch.ones(len(x)))
     assert y.dtype == torch.bfloat16
     ref = reference_experts(x.double(), experts.gate_up_proj.detach().double(), experts.down_proj.detach().double(),
                             counts, inter)
@@ -338,14 +343,15 @@ def test_dispatch_combine_round_trip(n_tokens, n_experts, data, hidden, seed):
         want = sorted(t for t, row in enumerate(indices.tolist()) if e in row)
         assert sorted(ids[list(rows)].tolist()) == want
 
-    # Identity experts, weight 1: every token comes back top_k times.
+    # Identity experts: every token comes back top_k times (the combine is a plain sum).
     back = disp.combine(routed, state)
     torch.testing.assert_close(back, top_k * x, rtol=1e-6, atol=1e-6)
-    # Expert e multiplies by (e + 1); random weights: sum_k w_k (idx_k + 1) x.
+    # Expert e multiplies by (e + 1) and by each row's gate value: sum_k w_k (idx_k + 1) x.
     w = torch.rand(n_tokens, top_k, generator=gen)
     expert_of_row = torch.repeat_interleave(torch.arange(n_experts), counts)
-    y = routed * (expert_of_row + 1).unsqueeze(1).float()
-    back = disp.combine(y, disp.dispatch(x, indices, w, n_experts)[2])
+    state = disp.dispatch(x, indices, w, n_experts)[2]
+    y = routed * (expert_of_row + 1).unsqueeze(1).float() * state.row_weights.unsqueeze(1)
+    back = disp.combine(y, state)
     want = ((w * (indices + 1).float()).sum(-1, keepdim=True)) * x
     torch.testing.assert_close(back, want, rtol=1e-5, atol=1e-5)
 
@@ -353,35 +359,22 @@ def test_dispatch_combine_round_trip(n_tokens, n_experts, data, hidden, seed):
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 12), k=st.integers(1, 8), hidden=st.integers(1, 40), seed=SEEDS,
        dtype=st.sampled_from([torch.bfloat16, torch.float32]))
-def test_combine_sums_equal_the_batched_gemm_and_the_reduction(n, k, hidden, seed, dtype):
-    """weighted_sum is w[:, None] @ y as a batched GEMM computes it, bit for bit in bf16 (fp32 accumulation,
-    one rounding), gradients included; sum_slots is y.sum(1) accumulated in slot order."""
+def test_combine_sum_is_the_slot_order_reduction_and_copies_the_gradient_to_every_slot(n, k, hidden, seed, dtype):
+    """sum_slots (the combine: the experts already scaled their rows by the gate values) is y.sum(1) accumulated
+    in fp32 in slot order and rounded once; its gradient is the token's gradient in every slot."""
     gen = torch.Generator().manual_seed(seed)
-    y = torch.randn(n, k, hidden, generator=gen).to(dtype)
-    w = torch.rand(n, k, generator=gen)
+    y = torch.randn(n, k, hidden, generator=gen).to(dtype).requires_grad_()
     g = torch.randn(n, hidden, generator=gen).to(dtype)
-    ours_y, ours_w = y.clone().requires_grad_(), w.clone().requires_grad_()
-    bmm_y, bmm_w = y.clone().requires_grad_(), w.clone().requires_grad_()
-    out = weighted_sum(ours_y, ours_w)
-    ref = torch.bmm(bmm_w.unsqueeze(1).to(dtype), bmm_y).squeeze(1)
-    out.backward(g)
-    ref.backward(g)
-    exact = dict(rtol=0, atol=0) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
-    for a, b in ((out, ref), (ours_y.grad, bmm_y.grad), (ours_w.grad, bmm_w.grad)):
-        assert a.dtype == b.dtype
-        torch.testing.assert_close(a, b, **exact)
-    w64 = w.to(dtype).double()
-    ulp = 2**-8 if dtype == torch.bfloat16 else 2**-23
-    want = (y.double() * w64.unsqueeze(-1)).sum(1)
-    torch.testing.assert_close(out.double(), want, rtol=ulp, atol=ulp * (1 + want.abs().max().item()))
     summed = sum_slots(y)
     assert summed.dtype == dtype
-    # fp32 accumulation in slot order, rounded once: y.sum(1) up to its own order of accumulation.
-    acc = y[:, 0].double()
+    acc = y.detach()[:, 0].double()
     for j in range(1, k):
-        acc = (acc + y[:, j].double()).float().double()
+        acc = (acc + y.detach()[:, j].double()).float().double()
     assert torch.equal(summed, acc.to(dtype))
+    ulp = 2**-8 if dtype == torch.bfloat16 else 2**-23
     torch.testing.assert_close(summed, y.sum(1), rtol=ulp, atol=ulp * k * (1 + y.abs().max().item()))
+    summed.backward(g)
+    assert y.grad.dtype == dtype and torch.equal(y.grad, g.unsqueeze(1).expand(n, k, hidden))
 
 
 @settings(max_examples=40, deadline=None)
@@ -412,7 +405,7 @@ def test_dispatcher_run_equals_dispatch_experts_combine(n_tokens, n_experts, dat
                 out, counts = disp.run(tokens, indices, w, experts)
             else:
                 rows, counts, state = disp.dispatch(tokens, indices, w, n_experts)
-                out = disp.combine(experts(rows, counts), state)
+                out = disp.combine(experts(rows, counts, state.row_weights), state)
         (out.float() * g).sum().backward()
         results.append([out, counts, x.grad, w.grad] + [grad_or_zero(p) for p in experts.parameters()])
     for mine, plain in zip(*results):
@@ -457,11 +450,10 @@ def build_moe(cfg: ModelConfig, gen: torch.Generator, bias_scale: float = 1.0) -
 
 @settings(max_examples=15, deadline=None)
 @given(n_tokens=st.integers(1, 12), n_experts=st.integers(2, 6), seed=SEEDS)
-def test_split_combine_keeps_expert_outputs_as_run_does_under_the_fp8_swiglu_cache(n_tokens, n_experts, seed):
-    """Under V3's selective recompute with FP8 SwiGLU inputs, the combine keeps the expert outputs (read only
-    for the gate weights' gradient) in E4M3: dispatch -> experts -> combine(quantize=output_quantize()), the
-    path the pipeline's overlapped schedule and expert parallelism take, gives run's bits, forward and every
-    gradient; without the quantize the gate weights' gradient differs (it would keep y in bf16)."""
+def test_split_path_equals_run_under_the_fp8_swiglu_cache(n_tokens, n_experts, seed):
+    """Under V3's selective recompute with FP8 SwiGLU inputs (the gate values folded into the recomputed SwiGLU
+    output): dispatch -> experts(rows, counts, row_weights) -> combine, the path the pipeline's overlapped
+    schedule and expert parallelism take, gives run's bits, forward and every gradient."""
     gen = torch.Generator().manual_seed(seed)
     backend = get_backend("fp8-emulated")
     experts = GroupedExperts(n_experts, 128, 128, backend)
@@ -472,7 +464,7 @@ def test_split_combine_keeps_expert_outputs_as_run_does_under_the_fp8_swiglu_cac
     x0, w0 = torch.randn(n_tokens, 128, generator=gen), torch.rand(n_tokens, top_k, generator=gen)
     g = torch.randn(n_tokens, 128, generator=gen)
     disp, results = LocalDispatcher(), []
-    for path in ("run", "split", "split, y kept as it is"):
+    for path in ("run", "split"):
         experts.zero_grad(set_to_none=True)
         x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
         with backend.autocast():
@@ -481,14 +473,11 @@ def test_split_combine_keeps_expert_outputs_as_run_does_under_the_fp8_swiglu_cac
                 out, _ = disp.run(tokens, indices, w, experts)
             else:
                 rows, counts, state = disp.dispatch(tokens, indices, w, n_experts)
-                keep = experts.output_quantize() if path == "split" else None
-                out = disp.combine(experts(rows, counts), state, keep)
+                out = disp.combine(experts(rows, counts, state.row_weights), state)
         (out.float() * g).sum().backward()
         results.append([out, x.grad, w.grad] + [grad_or_zero(p) for p in experts.parameters()])
-    assert experts.output_quantize() is not None
-    for ran, split in zip(results[0], results[1]):
+    for ran, split in zip(*results):
         assert torch.equal(ran, split)
-    assert not torch.equal(results[0][2], results[2][2])  # the gate weights' gradient saw E4M3 outputs
 
 
 def grad_or_zero(t: torch.Tensor) -> torch.Tensor:

@@ -248,7 +248,8 @@ def test_model_marks_o_proj_and_expert_input_pow2(monkeypatch):
     original = experts.backend.grouped_linear
     monkeypatch.setattr(experts.backend, "grouped_linear",
                         lambda *a, **kw: seen.append(kw.get("pow2_input", False)) or original(*a, **kw))
-    experts(torch.randn(6, cfg.hidden_size), torch.tensor([3, 3] + [0] * (cfg.n_routed_experts - 2)))
+    experts(torch.randn(6, cfg.hidden_size), torch.tensor([3, 3] + [0] * (cfg.n_routed_experts - 2)),
+            torch.ones(6))
     assert seen == [True, False]  # gate_up input (the dispatched tokens): pow2; down_proj input: not
 
 

@@ -77,7 +77,8 @@ def forward_steps(stage: PipelineStage, inputs: torch.Tensor, labels: torch.Tens
             continue
         with autocast():
             h1 = layer.attention(h, cos, sin)
-            flat, indices, weights, scores = moe.route(layer.post_attention_layernorm(h1))
+            normed, again = layer.post_attention_layernorm.forward_again(h1)
+            flat, indices, weights, scores = moe.route(normed, again)
         h1, flat, weights, scores = rec.cut(h1, flat, weights, scores)
         d = moe.dispatcher
         if hasattr(d, "dispatch_start"):
@@ -88,24 +89,21 @@ def forward_steps(stage: PipelineStage, inputs: torch.Tensor, labels: torch.Tens
             record("dispatch", start, time.perf_counter())
         else:
             rows, counts, state = d.dispatch(flat, indices, weights, moe.num_experts)
-        if hasattr(state, "recv_weights"):  # gate values that travelled with the tokens
-            rows, state.recv_weights = rec.cut(rows, state.recv_weights, comm=True)
-        else:
-            (rows,) = rec.cut(rows, comm=True)
+        rows, state.row_weights = rec.cut(rows, state.row_weights, comm=True)
         with autocast():
-            y = moe.experts(rows, counts)
+            y = moe.experts(rows, counts, state.row_weights)
         (y,) = rec.cut(y)
         if hasattr(d, "combine_start"):
             start = time.perf_counter()
-            handle = d.combine_start(y, state, moe.experts.output_quantize())
+            handle = d.combine_start(y, state)
             yield
             routed_out = handle.wait()
             record("combine", start, time.perf_counter())
         else:
-            routed_out = d.combine(y, state, moe.experts.output_quantize())
+            routed_out = d.combine(y, state)
         (routed_out,) = rec.cut(routed_out, comm=True)
         with autocast():
-            h = h1 + moe.finish(flat, routed_out, indices, scores, counts, h1.shape)
+            h = h1 + moe.finish(flat, routed_out, indices, scores, counts, h1.shape, again)
     if not spec.is_last:
         (rec.output,) = rec.cut(h)
         return rec

@@ -37,7 +37,7 @@ def run(d: AllToAllDispatcher, experts, x, indices, weights, grad=None, between=
     if between:
         between()
     rows, counts, state = h.wait()
-    c = d.combine_start(experts(rows, counts), state)
+    c = d.combine_start(experts(rows, counts, state.row_weights), state)
     if between:
         between()
     out = c.wait()
@@ -97,7 +97,7 @@ def async_checks(experts, x, indices, weights, grad) -> dict:
     x_s = x.detach().clone().requires_grad_()
     w_s = weights.detach().clone().requires_grad_()
     rows_s, counts_s, st = d.dispatch(x_s, indices, w_s, num_experts)
-    out_s = d.combine(experts(rows_s, counts_s), st)
+    out_s = d.combine(experts(rows_s, counts_s, st.row_weights), st)
     (out_s * grad).sum().backward()
     expert_grads_s = [p.grad.clone() for p in experts.parameters()]
     experts.zero_grad()
@@ -125,7 +125,7 @@ def async_checks(experts, x, indices, weights, grad) -> dict:
         rows, counts, state = h.wait()
         dispatch_done = h.is_completed()
         t_dispatch = time.perf_counter() - t0
-        c = d.combine_start(experts(rows, counts), state)
+        c = d.combine_start(experts(rows, counts, state.row_weights), state)
         combine_pending = not c.is_completed()
         c.wait()
         combine_done = c.is_completed()
