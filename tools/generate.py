@@ -3,6 +3,7 @@
     python tools/generate.py --load checkpoints/v3_pretrain --prompt "def main(" --max-new-tokens 64
     python tools/generate.py --load hf/tiny --prompt-file prompt.txt --temperature 0.8 --top-p 0.95 --seed 1
     python tools/generate.py --load CKPT --interactive --speculative mtp --dtype bf16
+    python tools/generate.py --load CKPT --prompt-file p.txt --dtype bf16 --compile     # compiled decode step
 
     mpirun -n 4 python tools/generate.py --load CKPT --prompt "import os"   # experts sharded over 4 ranks
 
