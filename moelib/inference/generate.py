@@ -13,7 +13,7 @@ import torch
 from moelib.errors import ConfigError, DataError
 from moelib.inference.cache import KVCache
 from moelib.inference.sampling import Sampler, check_sampling, distribution
-from moelib.inference.static import StaticStep, check_static
+from moelib.inference.static import StaticStep, check_static, static_length
 from moelib.model.transformer import Transformer, check_token_ids
 
 
@@ -88,7 +88,8 @@ def decode(model: Transformer, tokens: torch.Tensor, pad: torch.Tensor, max_new_
     ``compile``: the steps after the prefill run moelib.inference.static's compiled static-shape forward."""
     cfg, (batch, width) = model.cfg, tokens.shape
     device = model.embed_tokens.weight.device
-    cache = KVCache(cfg.num_hidden_layers, cfg, batch, width + max_new_tokens, pad=pad, absorb=absorb,
+    length = static_length(width + max_new_tokens) if compile else width + max_new_tokens
+    cache = KVCache(cfg.num_hidden_layers, cfg, batch, length, pad=pad, absorb=absorb,
                     dtype=model_dtype(model), device=device)
     h = model.cached_hidden_states(tokens.to(device), cache)
     step = StaticStep(model, cache) if compile else partial(model.cached_hidden_states, cache=cache, checked=True)

@@ -23,7 +23,7 @@ import torch
 
 from moelib.inference.cache import KVCache
 from moelib.inference.sampling import Sampler, distribution
-from moelib.inference.static import StaticStep
+from moelib.inference.static import StaticStep, static_length
 from moelib.model.transformer import Transformer
 
 
@@ -73,7 +73,8 @@ def speculative_decode(model: Transformer, prompt: torch.Tensor, max_new_tokens:
     moelib.inference.static's compiled static-shape forward (the drafts stay eager)."""
     cfg, length = model.cfg, prompt.shape[1] + max_new_tokens
     device, dtype = model.embed_tokens.weight.device, model.norm.weight.dtype
-    main = KVCache(cfg.num_hidden_layers, cfg, 1, length, absorb=absorb, dtype=dtype, device=device)
+    main = KVCache(cfg.num_hidden_layers, cfg, 1, static_length(length) if compile else length, absorb=absorb,
+                   dtype=dtype, device=device)
     drafter = Drafter(model, length, absorb=absorb, dtype=dtype, device=device)
     verify = StaticStep(model, main) if compile else partial(model.cached_hidden_states, cache=main)
 

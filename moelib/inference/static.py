@@ -42,13 +42,22 @@ class GatheredDispatcher(LocalDispatcher):
         return (y * weights.to(y.dtype)[..., None]).sum(1), counts
 
 
+GATHERED = GatheredDispatcher()
+SLOTS_MULTIPLE = 256  # cache lengths are rounded up to it, so requests of nearby lengths share a compiled step
+
+
+def static_length(tokens: int) -> int:
+    """The cache length a static step for ``tokens`` slots uses (a multiple of SLOTS_MULTIPLE)."""
+    return -(-tokens // SLOTS_MULTIPLE) * SLOTS_MULTIPLE
+
+
 @contextlib.contextmanager
 def gathered_experts(model: Transformer) -> Iterator[None]:
     """Every MoE layer of ``model`` with a GatheredDispatcher inside the block (its own one after)."""
     moes = list(model.moe_layers().values())
     before = [m.dispatcher for m in moes]
     for m in moes:
-        m.dispatcher = GatheredDispatcher()
+        m.dispatcher = GATHERED
     try:
         yield
     finally:

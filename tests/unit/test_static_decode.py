@@ -10,7 +10,7 @@ from moelib.errors import ConfigError
 from moelib.inference.cache import KVCache
 from moelib.inference.generate import generate
 from moelib.inference.load import cast_weights
-from moelib.inference.static import GatheredDispatcher, StaticStep
+from moelib.inference.static import GatheredDispatcher, StaticStep, static_length
 from moelib.model.dispatch import LocalDispatcher
 from moelib.model.moe import GroupedExperts
 from moelib.precision.backends import get_backend
@@ -67,7 +67,8 @@ def test_compiled_decode_equals_eager_decode(one_thread):
     assert torch.equal(compiled.tokens, eager.tokens)
     # The compiled step's logits, step by step, against the eager step's.
     cfg = model.cfg
-    ref_cache, cache = (KVCache(cfg.num_hidden_layers, cfg, 2, 19, pad=torch.tensor([0, 4])) for _ in range(2))
+    slots = static_length(19)  # what generate(compile=True) allocated: its compiled step is reused
+    ref_cache, cache = (KVCache(cfg.num_hidden_layers, cfg, 2, slots, pad=torch.tensor([0, 4])) for _ in range(2))
     model.cached_hidden_states(eager.tokens[:, :7], ref_cache)
     model.cached_hidden_states(eager.tokens[:, :7], cache)
     step = StaticStep(model, cache)
