@@ -56,7 +56,7 @@ def test_static_step_equals_the_cached_step(absorb, one_thread):
     assert static.length == eager.length == end
 
 
-@pytest.mark.slow  # inductor compiles the 2-layer step: ~1 min of CPU (6 min on the loaded 2-core VM)
+@pytest.mark.slow  # inductor compiles the 2-layer steps: ~30-60 s of CPU (2-6 min wall on the loaded 2-core VM)
 @torch.no_grad()
 def test_compiled_decode_equals_eager_decode(one_thread):
     model = tiny_model()
@@ -65,6 +65,8 @@ def test_compiled_decode_equals_eager_decode(one_thread):
     eager = generate(model, prompts, 12)
     compiled = generate(model, prompts, 12, compile=True)
     assert torch.equal(compiled.tokens, eager.tokens)
+    assert len(model.mtp)  # the verify forwards compiled too: greedy speculative is plain greedy
+    assert torch.equal(generate(model, prompts, 12, speculative="mtp", compile=True).tokens, eager.tokens)
     # The compiled step's logits, step by step, against the eager step's.
     cfg = model.cfg
     slots = static_length(19)  # what generate(compile=True) allocated: its compiled step is reused
