@@ -3,6 +3,7 @@
     python tools/generate.py --load checkpoints/v3_pretrain --prompt "def main(" --max-new-tokens 64
     python tools/generate.py --load hf/tiny --prompt-file prompt.txt --temperature 0.8 --top-p 0.95 --seed 1
     python tools/generate.py --load CKPT --interactive --speculative mtp --dtype bf16
+    python tools/generate.py --load CKPT --prompt-file p.txt --dtype bf16 --compile     # compiled decode step
 
     mpirun -n 4 python tools/generate.py --load CKPT --prompt "import os"   # experts sharded over 4 ranks
 
@@ -48,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--speculative", choices=["mtp"], default=None, help="MTP self-speculative decoding")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="resident weights (fp8: E4M3, 128x128 blocks)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode steps compiled by torch.compile (static shapes; the first prompt pays the compile)")
     p.add_argument("--tokenizer", help="a tokenizer.json (default: the checkpoint's, else the default corpus's)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: decoding is small GEMMs, which threads on busy cores slow)")
@@ -100,7 +103,7 @@ def run_one(model, tok: Tokenizer, text: str, args: argparse.Namespace, sampler:
 
     out = generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, eos_token_id=tok.eod, speculative=args.speculative, stream=stream,
-                   sampler=sampler)
+                   sampler=sampler, compile=args.compile)
     if not show:
         return
     print(tok.decode(new)[len(shown):], end="")  # whatever a cut-off character held back

@@ -14,6 +14,17 @@ import torch
 from moelib.config import ModelConfig
 
 
+def visibility(slots: torch.Tensor, keys: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask [B, t, S] to add to the scores: 0 where a query sees the key, -inf where not; positions [B, t])
+    for new tokens at cache ``slots`` [t] over the cache slots ``keys`` [S] of sequences left-padded by ``pad`` [B]."""
+    causal = keys[None, :] <= slots[:, None]                                  # [t, S]
+    real_key = keys[None, :] >= pad[:, None]                                  # [B, S]
+    # A padding query sees itself only, so its (discarded) row stays finite.
+    visible = causal & (real_key[:, None, :] | (keys[None, :] == slots[:, None]))
+    mask = torch.zeros(visible.shape, device=pad.device).masked_fill_(~visible, float("-inf"))
+    return mask, (slots[None, :] - pad[:, None]).clamp(min=0)
+
+
 class KVCache:
     def __init__(self, num_layers: int, cfg: ModelConfig, batch: int, max_len: int, *, pad: torch.Tensor | None = None,
                  absorb: bool = True, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
@@ -46,13 +57,8 @@ class KVCache:
             raise ValueError(f"KVCache holds {self.max_len} slots; {self.length} used, {t} more asked for")
         self._new = t
         slots = torch.arange(self.length, self.length + t, device=self.pad.device)
-        keys = torch.arange(self.length + t, device=self.pad.device)
-        causal = keys[None, :] <= slots[:, None]                                  # [t, S]
-        real_key = keys[None, :] >= self.pad[:, None]                             # [B, S]
-        # A padding query sees itself only, so its (discarded) row stays finite.
-        visible = causal & (real_key[:, None, :] | (keys[None, :] == slots[:, None]))
-        self.mask = torch.zeros(visible.shape, device=self.pad.device).masked_fill_(~visible, float("-inf"))
-        return (slots[None, :] - self.pad[:, None]).clamp(min=0)
+        self.mask, positions = visibility(slots, torch.arange(self.length + t, device=self.pad.device), self.pad)
+        return positions
 
     def layer(self, i: int) -> _LayerCache:
         return _LayerCache(self, i)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from moelib.errors import ConfigError, DataError
 from moelib.inference.cache import KVCache
 from moelib.inference.sampling import Sampler, check_sampling, distribution
+from moelib.inference.static import StaticStep, check_static, static_length
 from moelib.model.transformer import Transformer, check_token_ids
 
 
@@ -81,13 +83,16 @@ def model_dtype(model: Transformer) -> torch.dtype:
 @torch.no_grad()
 def decode(model: Transformer, tokens: torch.Tensor, pad: torch.Tensor, max_new_tokens: int, sampler: Sampler, *,
            temperature: float, top_k: int, top_p: float, eos_token_id: int | None, absorb: bool,
-           stream: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, dict]:
-    """Plain decoding of a left-padded batch: (new tokens [B, N], stats); ``stream`` gets each step's [B, 1]."""
+           stream: Callable[[torch.Tensor], None] | None = None, compile: bool = False) -> tuple[torch.Tensor, dict]:
+    """Plain decoding of a left-padded batch: (new tokens [B, N], stats); ``stream`` gets each step's [B, 1].
+    ``compile``: the steps after the prefill run moelib.inference.static's compiled static-shape forward."""
     cfg, (batch, width) = model.cfg, tokens.shape
     device = model.embed_tokens.weight.device
-    cache = KVCache(cfg.num_hidden_layers, cfg, batch, width + max_new_tokens, pad=pad, absorb=absorb,
+    length = static_length(width + max_new_tokens) if compile else width + max_new_tokens
+    cache = KVCache(cfg.num_hidden_layers, cfg, batch, length, pad=pad, absorb=absorb,
                     dtype=model_dtype(model), device=device)
     h = model.cached_hidden_states(tokens.to(device), cache)
+    step = StaticStep(model, cache) if compile else partial(model.cached_hidden_states, cache=cache, checked=True)
     forwards, new = 1, []
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     while True:
@@ -101,7 +106,7 @@ def decode(model: Transformer, tokens: torch.Tensor, pad: torch.Tensor, max_new_
             done |= x == eos_token_id
         if len(new) == max_new_tokens or bool(done.all()):
             break
-        h = model.cached_hidden_states(x[:, None], cache, checked=True)
+        h = step(x[:, None])
         forwards += 1
     out = torch.stack(new, 1).cpu()
     if out.shape[1] < max_new_tokens:  # every sequence ended early
@@ -114,7 +119,7 @@ def generate(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
              seed: int | None = None, speculative: str | None = None, attention: str = "absorb",
              pad_token_id: int = 0, stream: Callable[[torch.Tensor], None] | None = None,
-             sampler: Sampler | None = None) -> Generation:
+             sampler: Sampler | None = None, compile: bool = False) -> Generation:
     """Generation(tokens [B, T + N], stats) continuing each prompt by max_new_tokens tokens.
 
     ``input_ids``: a LongTensor [B, T], or a list of prompts of different lengths, which are left-padded
@@ -130,10 +135,15 @@ def generate(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int
     tokens_per_s (new tokens of all sequences over the wall time). ``stream`` is called with the new tokens
     [B, k] as they are produced (with speculative decoding, [1, k] of the sequence being decoded).
     ``sampler`` replaces the one ``seed`` would make (expert-parallel runs pass a SyncedSampler).
+    ``compile``: decode steps (and speculative verifications) after the prefill run a static-shape forward
+    compiled by torch.compile (moelib.inference.static; one process, fp32 or bf16 weights); the first request
+    of each shape pays the compilation.
     """
     prompts = as_prompts(input_ids)
     check_request(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                   speculative=speculative, attention=attention)
+    if compile:
+        check_static(model)
     sampler = sampler or Sampler(seed, model.embed_tokens.weight.device)
     tokens, pad = left_pad(prompts, pad_token_id)
     absorb = attention == "absorb"
@@ -145,14 +155,15 @@ def generate(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int
         for p in prompts:
             row, s = speculative_decode(model, p[None], max_new_tokens, sampler, temperature=temperature,
                                         top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, absorb=absorb,
-                                        stream=stream)
+                                        stream=stream, compile=compile)
             rows.append(row)
             stats = {k: stats.get(k, 0) + v for k, v in s.items() if k != "kv_bytes_per_token"}
             stats["kv_bytes_per_token"] = s["kv_bytes_per_token"]
         new = torch.cat(rows)
     else:
         new, stats = decode(model, tokens, pad, max_new_tokens, sampler, temperature=temperature, top_k=top_k,
-                            top_p=top_p, eos_token_id=eos_token_id, absorb=absorb, stream=stream)
+                            top_p=top_p, eos_token_id=eos_token_id, absorb=absorb, stream=stream,
+                            compile=compile)
     seconds = time.perf_counter() - start
     stats["acceptance_rate"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
     stats["tokens_per_s"] = new.numel() / seconds if seconds > 0 else float("inf")

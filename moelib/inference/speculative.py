@@ -17,11 +17,13 @@ rolls those back: they are recomputed once their tokens are known.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
 from moelib.inference.cache import KVCache
 from moelib.inference.sampling import Sampler, distribution
+from moelib.inference.static import StaticStep, static_length
 from moelib.model.transformer import Transformer
 
 
@@ -64,13 +66,17 @@ class Drafter:
 @torch.no_grad()
 def speculative_decode(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, sampler: Sampler, *,
                        temperature: float, top_k: int, top_p: float, eos_token_id: int | None,
-                       absorb: bool, stream: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, dict]:
+                       absorb: bool, stream: Callable[[torch.Tensor], None] | None = None,
+                       compile: bool = False) -> tuple[torch.Tensor, dict]:
     """(new tokens [1, N], stats) for one prompt [1, T], drafting with every MTP depth the model has (fewer
-    when fewer tokens remain); ``stream`` gets each token as [1, 1]."""
+    when fewer tokens remain); ``stream`` gets each token as [1, 1]. ``compile``: the verifying forwards run
+    moelib.inference.static's compiled static-shape forward (the drafts stay eager)."""
     cfg, length = model.cfg, prompt.shape[1] + max_new_tokens
     device, dtype = model.embed_tokens.weight.device, model.norm.weight.dtype
-    main = KVCache(cfg.num_hidden_layers, cfg, 1, length, absorb=absorb, dtype=dtype, device=device)
+    main = KVCache(cfg.num_hidden_layers, cfg, 1, static_length(length) if compile else length, absorb=absorb,
+                   dtype=dtype, device=device)
     drafter = Drafter(model, length, absorb=absorb, dtype=dtype, device=device)
+    verify = StaticStep(model, main) if compile else partial(model.cached_hidden_states, cache=main)
 
     def dist(h: torch.Tensor) -> torch.Tensor:
         return distribution(model.lm_head(h), temperature, top_k, top_p)
@@ -93,7 +99,7 @@ def speculative_decode(model: Transformer, prompt: torch.Tensor, max_new_tokens:
         drafts, qs = drafter.draft(seq, n, dist, sampler)
         # Verify: the pending token and the drafts in one main forward; p[i] is the main model's distribution
         # of the token after the pending one and drafts[:i].
-        h = model.cached_hidden_states(torch.tensor([seq[-1:] + drafts], device=device), main)
+        h = verify(torch.tensor([seq[-1:] + drafts], device=device))
         drafter.hidden[0, len(seq) - 1:len(seq) + n] = h[0]
         p = dist(h[0])
         forwards, drafted = forwards + 1, drafted + n

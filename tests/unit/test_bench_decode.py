@@ -14,7 +14,8 @@ from benchmarks import decode  # noqa: E402
 def test_decode_bench_reports_speed_cache_acceptance_and_fp8_bytes(one_thread, capsys, tmp_path):
     pytest.importorskip("transformers")
     args = argparse.Namespace(load=None, preset="tiny", dtype="bf16", batches="1,2", prompt_len=8, new=4, repeats=1,
-                              threads=torch.get_num_threads(), no_hf=False, command="decode", out=tmp_path / "d.json")
+                              threads=torch.get_num_threads(), no_hf=False, compile=False, command="decode",
+                              out=tmp_path / "d.json")
     r = decode.run(args)
     assert [row["batch"] for row in r["rows"]] == [1, 2]
     for row in r["rows"]:

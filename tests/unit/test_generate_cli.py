@@ -72,6 +72,8 @@ BAD = {
     "top_p above one": (["--prompt", "the", "--top-p", "1.5"], "--top-p"),
     "mtp without MTP": (["--prompt", "the", "--speculative", "mtp", "--plain"], "--speculative"),
     "unreadable prompt file": (["--prompt-file", "/nonexistent/prompt.txt"], "/nonexistent/prompt.txt"),
+    "compile with FP8 weights": (["--prompt", "the", "--compile", "--dtype", "fp8", "--max-new-tokens", "4"],
+                                 "--compile"),
     "unreadable checkpoint": (["--prompt", "the", "--load", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
 }
 

@@ -44,6 +44,8 @@ def add_args(p) -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
+    p.add_argument("--compile", action="store_true",
+                   help="also time generate(compile=True) (plain, and speculative at batch 1), compiled before timing")
 
 
 def variant(args) -> str:
@@ -101,7 +103,8 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     series = [("moelib", "moelib_tokens_per_s"), ("transformers", "hf_tokens_per_s"),
-              ("moelib + MTP speculative", "speculative_tokens_per_s")]
+              ("moelib + MTP speculative", "speculative_tokens_per_s"), ("moelib compiled", "compiled_tokens_per_s"),
+              ("moelib compiled + MTP", "speculative_compiled_tokens_per_s")]
     width = 0.8 / len(series)
     for i, (label, key) in enumerate(series):
         xs = [j + i * width for j, r in enumerate(rows) if key in r]
@@ -146,6 +149,16 @@ def run(args) -> dict:
                                      return_dict_in_generate=True)
             if batch == 1 and len(model.mtp):
                 runs["mtp"] = partial(generate, model, ids, args.new, speculative="mtp")
+            compile_s = {}
+            if args.compile:  # compiled once here, so the timed runs reuse the compiled steps
+                runs["compiled"] = partial(generate, model, ids, args.new, compile=True)
+                if "mtp" in runs:
+                    runs["mtp_compiled"] = partial(generate, model, ids, args.new, speculative="mtp", compile=True)
+                for name in ("compiled", "mtp_compiled"):
+                    if name in runs:
+                        t = time.perf_counter()
+                        runs[name]()
+                        compile_s[name] = time.perf_counter() - t
             best = interleaved_best(args.repeats, runs)
             seconds, ours, cpu = best["moelib"]
             row = {"batch": batch, "moelib_tokens_per_s": batch * args.new / seconds,
@@ -162,6 +175,19 @@ def run(args) -> dict:
                 row.update(speculative_tokens_per_s=args.new / s_seconds, acceptance_rate=spec.stats["acceptance_rate"],
                            speculative_speedup=seconds / s_seconds,
                            speculative_same_tokens=bool(torch.equal(spec.tokens, ours.tokens)))
+            if "compiled" in best:
+                c_seconds, comp, c_cpu = best["compiled"]
+                same = (comp.tokens[:, -args.new:] == ours.tokens[:, -args.new:]).float().mean()
+                row.update(compiled_tokens_per_s=batch * args.new / c_seconds, compiled_vs_eager=seconds / c_seconds,
+                           compiled_same_tokens=float(same),
+                           compile_s=compile_s["compiled"])
+                if "hf" in best:
+                    row.update(compiled_speedup=best["hf"][0] / c_seconds, compiled_cpu_speedup=best["hf"][2] / c_cpu)
+            if "mtp_compiled" in best:
+                s_seconds, spec, _ = best["mtp_compiled"]
+                row.update(speculative_compiled_tokens_per_s=args.new / s_seconds,
+                           speculative_compiled_speedup=best["compiled"][0] / s_seconds,
+                           speculative_compiled_same_tokens=bool(torch.equal(spec.tokens, best["compiled"][1].tokens)))
             rows.append(row)
         memory = resident(fp32_copy)
         fp8_cost = quality(fp32_copy, ids, args.new)
@@ -179,6 +205,16 @@ def run(args) -> dict:
               f"{r.get('speedup', float('nan')):.2f}x | {r.get('cpu_speedup', float('nan')):.2f}x | "
               f"{r['moelib_cache_bytes_per_token']} | "
               f"{r.get('hf_cache_bytes_per_token', float('nan')):.0f} | {r.get('same_tokens', float('nan')):.3f} |")
+    for r in rows:
+        if "compiled_tokens_per_s" in r:
+            print(f"compiled (generate(compile=True)), batch {r['batch']}: {r['compiled_tokens_per_s']:.1f} tok/s, "
+                  f"{r['compiled_vs_eager']:.2f}x eager moelib, {r.get('compiled_speedup', float('nan')):.2f}x "
+                  f"transformers (CPU time {r.get('compiled_cpu_speedup', float('nan')):.2f}x), same tokens as eager "
+                  f"{r['compiled_same_tokens']:.3f}, first call (compiling) {r['compile_s']:.0f} s")
+        if "speculative_compiled_tokens_per_s" in r:
+            print(f"compiled MTP speculative, batch 1: {r['speculative_compiled_tokens_per_s']:.1f} tok/s vs compiled "
+                  f"plain ({r['speculative_compiled_speedup']:.2f}x), same tokens as compiled plain greedy: "
+                  f"{r['speculative_compiled_same_tokens']}")
     for r in rows:
         if "speculative_tokens_per_s" in r:
             print(f"MTP speculative, batch 1: {r['speculative_tokens_per_s']:.1f} tok/s vs plain "
