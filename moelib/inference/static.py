@@ -35,11 +35,12 @@ class GatheredDispatcher(LocalDispatcher):
         if not few_rows(indices, experts.num_experts):
             return super().run(x, indices, weights, experts, num_experts)
         gate, up = (x[:, None, None, :] * experts.gate_up_proj[indices]).sum(-1).chunk(2, dim=-1)
-        hidden = torch.nn.functional.silu(gate) * up                                    # [N, k, I]
+        # The gate value scales SwiGLU's output before the down projection, as GroupedExperts.compute does.
+        hidden = torch.nn.functional.silu(gate) * up * weights.to(up.dtype)[..., None]  # [N, k, I]
         y = (hidden[:, :, None, :] * experts.down_proj[indices]).sum(-1)                # [N, k, H]
         counts = torch.zeros(experts.num_experts, dtype=torch.long, device=x.device)
         counts.index_add_(0, indices.reshape(-1), torch.ones_like(indices.reshape(-1)))
-        return (y * weights.to(y.dtype)[..., None]).sum(1), counts
+        return y.sum(1), counts
 
 
 GATHERED = GatheredDispatcher()
