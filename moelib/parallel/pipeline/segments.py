@@ -66,7 +66,7 @@ class SegmentedPass:
         the hooks are a per-thread stack, which an interleaved pass must not see."""
         def pack(t: torch.Tensor) -> torch.Tensor:
             self.hold(t)
-            return t.detach()  # not t itself: a node saving its own output would then hold itself
+            return t  # as is: a detached alias changes what some backward reads (the pipeline parity tests)
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield
