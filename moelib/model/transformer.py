@@ -7,6 +7,7 @@ does not own (and the embedding, norm or head) while every parameter keeps its g
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -42,20 +43,27 @@ class DecoderLayer(nn.Module):
         """``cache``: this layer's view of an inference KV cache (see moelib.model.mla)."""
         if should_recompute(self.recompute_layer):
             return checkpoint(self.forward, x, cos, sin)
+        h, normed, again = self.attention(x, cos, sin, cache)
+        return h + self.mlp(normed, again)
+
+    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor] | None]:
+        """The first residual block h = x + attention, and the MLP's input: (h, the post-attention norm of h,
+        its recomputation or None; see RMSNorm.forward_again). The pipeline's overlapped schedule calls this
+        on its own and runs the MoE half in pieces."""
+        if should_recompute(self.recompute_layer):  # only that schedule gets here: rerun attention whole
+            h = checkpoint(self._residual, x, cos, sin)
+            return h, *self.post_attention_layernorm.forward_again(h)
         attn, attn_again = self.self_attn.forward_again(self.input_layernorm(x), cos, sin, cache)
         h = x + attn
         # The residual h need not be kept when attention's output can be recomputed (x is kept by the input
         # norm anyway): the post-attention norm keeps this instead, and the MLP (router, gate and up
         # projections) the norm's recomputation.
         h_again = None if attn_again is None else (lambda: x + attn_again())
-        normed, again = self.post_attention_layernorm.forward_again(h, h_again)
-        return h + self.mlp(normed, again)
+        return h, *self.post_attention_layernorm.forward_again(h, h_again)
 
-    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
-        """The first residual block (the pipeline's overlapped schedule runs the MoE half in pieces)."""
-        if should_recompute(self.recompute_layer):  # called on its own by that schedule
-            return checkpoint(self.attention, x, cos, sin)
-        return x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def _residual(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return x + self.self_attn(self.input_layernorm(x), cos, sin)
 
 
 class MTPModule(nn.Module):

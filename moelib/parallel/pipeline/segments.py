@@ -8,6 +8,12 @@ communication segment (forward or backward) while the other micro-batch computes
 
 Both passes are generators that ``yield`` while an all-to-all is in flight; drained without
 interleaving, they are an ordinary forward and backward (and give the same numbers as the plain model).
+
+A cut would keep its tensors alive until its segment's backward, bytes the plain layer frees (under
+selective recompute, h1, the dispatched rows and the expert outputs are kept by no node: FP8 copies or
+recomputations stand in for them). So the forward notes every storage autograd saves and, once done, frees
+the cut tensors none of them is: they keep their shape (the backward only needs that of an output to pass
+its gradient) but no memory, so an op that did read one would crash (not compute on stale values).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from moelib.model.moe import MoE
 from moelib.model.transformer import LossOutput
@@ -37,6 +44,7 @@ class Segment:
 class SegmentedPass:
     segments: list[Segment] = field(default_factory=list)
     output: torch.Tensor | LossOutput | None = None
+    saved: dict[int, StorageWeakRef] = field(default_factory=dict)  # storages autograd saved, by key
 
     def cut(self, *tensors, comm: bool = False):
         """End the current segment at ``tensors``; returns them as leaves (non-differentiable ones as is)."""
@@ -51,6 +59,33 @@ class SegmentedPass:
                 result.append(t)
         self.segments.append(Segment(outputs, leaves, comm))
         return tuple(result)
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Notes the storage of every tensor autograd saves meanwhile. Entered and left between yields only:
+        the hooks are a per-thread stack, which an interleaved pass must not see."""
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            self.hold(t)
+            return t  # as is: a detached alias changes what some backward reads (the pipeline parity tests)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+
+    def hold(self, t: torch.Tensor) -> None:
+        """Keeps ``t`` from ``free_unsaved``: for a tensor that backward reads outside autograd's saved tensors."""
+        self.saved[t.untyped_storage()._cdata] = StorageWeakRef(t.untyped_storage())
+
+    def free_unsaved(self) -> None:
+        """Frees the storage of every cut tensor that no autograd node saved (see the module docstring),
+        except the pass's output, which is sent on."""
+        saved = {k for k, ref in self.saved.items() if not ref.expired()}
+        if isinstance(self.output, torch.Tensor):
+            saved.add(self.output.untyped_storage()._cdata)
+        for seg in self.segments:
+            for t in seg.outputs:  # each leaf shares its output's storage
+                if t.untyped_storage()._cdata not in saved:
+                    t.untyped_storage().resize_(0)
+        self.saved.clear()
 
 
 Recorder = Callable[[str, float, float], None]  # (name, start, end): an all-to-all's time in flight
@@ -67,48 +102,63 @@ def forward_steps(stage: PipelineStage, inputs: torch.Tensor, labels: torch.Tens
     ``output`` is the hidden state leaf (sent on) or the LossOutput on the last stage."""
     model, spec, rec = stage.model, stage.spec, SegmentedPass()
     cos, sin = model.rope(inputs.shape[1], inputs.device)
-    with autocast():
+
+    @contextlib.contextmanager
+    def compute():  # between yields: autocast, noting what autograd saves
+        with autocast(), rec.recording():
+            yield
+
+    with compute():
         h = model.embed(inputs) if spec.is_first else inputs
     for layer in model.layers.values():
         moe = layer.mlp
         if not isinstance(moe, MoE):
-            with autocast():
+            with compute():
                 h = layer(h, cos, sin)
             continue
-        with autocast():
-            h1 = layer.attention(h, cos, sin)
-            normed, again = layer.post_attention_layernorm.forward_again(h1)
+        with compute():
+            h1, normed, again = layer.attention(h, cos, sin)
             flat, indices, weights, scores = moe.route(normed, again)
         h1, flat, weights, scores = rec.cut(h1, flat, weights, scores)
         d = moe.dispatcher
         if hasattr(d, "dispatch_start"):
             start = time.perf_counter()
-            handle = d.dispatch_start(flat, indices, weights, moe.num_experts)
+            with rec.recording():
+                handle = d.dispatch_start(flat, indices, weights, moe.num_experts)
             yield
-            rows, counts, state = handle.wait()
+            with rec.recording():
+                rows, counts, state = handle.wait()
             record("dispatch", start, time.perf_counter())
         else:
-            rows, counts, state = d.dispatch(flat, indices, weights, moe.num_experts)
+            with rec.recording():
+                rows, counts, state = d.dispatch(flat, indices, weights, moe.num_experts)
         rows, state.row_weights = rec.cut(rows, state.row_weights, comm=True)
-        with autocast():
+        # The FP8 SwiGLU cache keeps the gate values as an attribute (moelib.model.recompute._Fp8GateUp), as the
+        # plain layer does: 4 bytes per routed row.
+        rec.hold(state.row_weights)
+        with compute():
             y = moe.experts(rows, counts, state.row_weights)
         (y,) = rec.cut(y)
         if hasattr(d, "combine_start"):
             start = time.perf_counter()
-            handle = d.combine_start(y, state)
+            with rec.recording():
+                handle = d.combine_start(y, state)
             yield
-            routed_out = handle.wait()
+            with rec.recording():
+                routed_out = handle.wait()
             record("combine", start, time.perf_counter())
         else:
-            routed_out = d.combine(y, state)
+            with rec.recording():
+                routed_out = d.combine(y, state)
         (routed_out,) = rec.cut(routed_out, comm=True)
-        with autocast():
+        with compute():
             h = h1 + moe.finish(flat, routed_out, indices, scores, counts, h1.shape, again)
     if not spec.is_last:
         (rec.output,) = rec.cut(h)
-        return rec
-    with autocast():
-        rec.output = model.head_loss(h, labels, mtp_weight, cos, sin, embedding=stage.embedding)
+    else:
+        with compute():
+            rec.output = model.head_loss(h, labels, mtp_weight, cos, sin, embedding=stage.embedding)
+    rec.free_unsaved()
     return rec
 
 
