@@ -1,12 +1,13 @@
 """Start mpirun jobs (or plain worker processes) from tests, with a hard timeout.
 
 The worker scripts live in tests/distributed/workers/. Each run gets OMP_NUM_THREADS=1 (several ranks share two
-cores) and its own process group, so a timeout kills mpirun and every rank: a broken test fails, it never
-hangs the suite.
+cores) and its own process group; a timeout kills mpirun's group and every process below it (OpenMPI gives
+each rank a group of its own): a broken test fails, it never hangs the suite or leaves ranks running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -63,10 +64,29 @@ def _run_once(cmd: list[str], timeout: float, env: dict[str, str] | None) -> tup
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        ranks = descendants(proc.pid)  # OpenMPI starts each rank in a process group of its own
         os.killpg(proc.pid, signal.SIGKILL)
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate()
         return -9, out, err + f"\n[killed after {timeout:.0f} s timeout]"
     return proc.returncode, out, err
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc; none where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
 
 
 def run_mpi(n: int, script: str, *args: str, timeout: float = 120.0,

@@ -1,6 +1,8 @@
 """Faults: a non-finite step is skipped (and too many in a row stop the run); SIGTERM on any rank saves a
-checkpoint on every rank and exits cleanly. The fault matrix (below) runs the recipe under ``mpirun -n 4``
-and asserts what the user sees: the failing rank's one sentence on stderr and a prompt non-zero exit."""
+checkpoint on every rank and exits cleanly. The fault matrix (below) runs the recipe under mpirun (4 ranks
+where a rank is stopped or signalled; 2 where one rank's input or the run's flags are bad, which shows the
+same at half the start-up cost) and asserts what the user sees: the failing rank's one sentence on stderr and
+a prompt non-zero exit."""
 
 import json
 import os
@@ -189,7 +191,7 @@ def corrupt(kind: str, prefix: Path) -> None:
 @pytest.mark.parametrize("kind, cause", [("missing", "does not exist"), ("truncated", "is shorter than its index"),
                                          ("corrupt", "outside the")])
 def test_bad_data_on_one_rank_is_named_by_that_rank(tmp_path, kind, cause):
-    """Ranks 0-2 read a good corpus, rank 3 a missing, truncated or corrupt copy: rank 3's sentence reaches
+    """Rank 0 reads a good corpus, rank 1 a missing, truncated or corrupt copy: rank 1's sentence reaches
     the user (it alone knows), then the job ends non-zero well before the collective timeout."""
     good, bad = corpus_copy(tmp_path, "good"), corpus_copy(tmp_path, "bad")
     corrupt(kind, bad)
@@ -197,10 +199,10 @@ def test_bad_data_on_one_rank_is_named_by_that_rank(tmp_path, kind, cause):
 
     tok = default_corpus(4096)[1]
     cmd = recipe_cmd(tmp_path, "--save", str(tmp_path / "ck"), "--tokenizer", tok, "--data-path", str(good),
-                     last_rank_args=("--data-path", str(bad)))
+                     n=2, last_rank_args=("--data-path", str(bad)))
     rc, out, err, seconds = run_timed(cmd, env={"MOELIB_COLLECTIVE_TIMEOUT": "120"})
     lines = error_lines(err)
-    assert rc != 0 and lines and all(line.startswith("v3_pretrain: rank 3: error: ") for line in lines), err[-3000:]
+    assert rc != 0 and lines and all(line.startswith("v3_pretrain: rank 1: error: ") for line in lines), err[-3000:]
     assert cause in lines[0] and str(bad) in lines[0] and "Traceback" not in err
     assert seconds < 100, seconds  # not a wait for the 120 s collective timeout
 
@@ -246,7 +248,7 @@ def test_unwritable_output_fails_before_any_work(tmp_path, flag, value, cause):
     built or a step runs: the sentence names the flag, and no training line is printed."""
     (tmp_path / "a_file").write_text("")
     args = ["--save", str(tmp_path / "ck")] if flag != "--save" else []
-    rc, out, err, seconds = run_timed(recipe_cmd(tmp_path, *args, flag, value.format(tmp=tmp_path)))
+    rc, out, err, seconds = run_timed(recipe_cmd(tmp_path, *args, flag, value.format(tmp=tmp_path), n=2))
     lines = error_lines(err)
     assert rc != 0 and lines and cause.format(tmp=tmp_path) in lines[0], err[-3000:]
     assert "step " not in out and "parameters" not in out, out
@@ -257,15 +259,15 @@ def test_two_runs_with_different_configs_do_not_mix_in_one_save(tmp_path):
     """A second run with another --train-iters refuses the first run's --save, naming the difference;
     ``latest`` still names the first run's checkpoint. A --load with another model names the field."""
     save = tmp_path / "ck"
-    rc, out, err, _ = run_timed(recipe_cmd(tmp_path, "--train-iters", "2", "--save", str(save)))
+    rc, out, err, _ = run_timed(recipe_cmd(tmp_path, "--train-iters", "2", "--save", str(save), n=2))
     assert rc == 0, err[-3000:]
-    rc, out, err, _ = run_timed(recipe_cmd(tmp_path, "--train-iters", "3", "--save", str(save)))
+    rc, out, err, _ = run_timed(recipe_cmd(tmp_path, "--train-iters", "3", "--save", str(save), n=2))
     lines = error_lines(err)
     assert rc != 0 and lines and f"--save {save} already holds the checkpoints of a run with another config " \
         "(train.train_iters 2 vs 3)" in lines[0], err[-3000:]
     assert (save / "latest").read_text().strip() == "iter_0000002" and not (save / "iter_0000003").exists()
     rc, out, err, _ = run_timed(recipe_cmd(tmp_path, "--config", "tiny", "--load", str(save), "--save",
-                                           str(tmp_path / "other"), "--train-iters", "3"))
+                                           str(tmp_path / "other"), "--train-iters", "3", n=2))
     lines = error_lines(err)
     assert rc != 0 and lines and "the checkpoint's model config differs" in lines[0], err[-3000:]
     assert "num_hidden_layers 2 there, 4 here" in lines[0], lines

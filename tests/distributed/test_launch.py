@@ -4,6 +4,8 @@ import json
 import re
 import socket
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from _mpi import REPO, WORKERS, run, run_mpi, worker_env
@@ -56,3 +58,16 @@ def test_only_a_launcher_start_failure_is_retried(tmp_path, message, runs):
     rc, _, err = run([sys.executable, str(script)], 60)
     assert len((tmp_path / "starts").read_text()) == runs
     assert (rc == 0) == (runs == 2) and (rc == 213) == (runs == 1)
+
+
+def test_a_timeout_kills_ranks_outside_the_launchers_process_group(tmp_path):
+    """OpenMPI puts every rank in a process group of its own: killing mpirun's group alone would leave them
+    running (eating the cores of every later test) and holding the output pipes, so the helper would wait
+    for them: here 60 s instead of the 3 s timeout."""
+    marker = tmp_path / "started"
+    began = time.monotonic()
+    rc, _, err = run(["bash", "-c", f"setsid sleep 60 & echo $! > {marker}; wait"], timeout=3)
+    assert rc == -9 and "timeout" in err and time.monotonic() - began < 30
+    pid = int(marker.read_text())  # the child had started before the timeout
+    time.sleep(0.5)
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()

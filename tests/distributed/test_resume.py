@@ -27,23 +27,38 @@ def losses(path) -> list[float]:
     return [r["loss"] for line in path.read_text().splitlines() if "loss" in (r := json.loads(line))]
 
 
+# V3's optimizer state (bf16 moments) and a parameter EMA must resume exactly too, and load under another layout.
+PP2_EP2 = ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2", "--moment-dtype", "bf16",
+           "--ema-decay", "0.9"]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """``runs(ranks, layout) -> dir``: the uninterrupted 4-step run in dir/a and one stopped at step 2 by
+    --exit-interval in dir/b (the schedules still span the 4 steps: they scale with --train-iters), once per
+    layout; both tests below read the 4-rank one."""
+    found = {}
+
+    def runs(ranks: int, layout: list[str]):
+        key = (ranks, tuple(layout))
+        if key not in found:
+            tmp = found[key] = tmp_path_factory.mktemp("resume")
+            recipe(ranks, *layout, "--train-iters", "4", "--save", str(tmp / "a"), "--log-json", str(tmp / "a.jsonl"))
+            recipe(ranks, *layout, "--train-iters", "4", "--exit-interval", "2", "--save", str(tmp / "b"),
+                   "--log-json", str(tmp / "b.jsonl"))
+        return found[key]
+    return runs
+
+
 @pytest.mark.dist
-@pytest.mark.parametrize("ranks, layout", [
-    (1, []),
-    # V3's optimizer state (bf16 moments) and a parameter EMA must resume exactly too.
-    (4, ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2", "--moment-dtype", "bf16",
-         "--ema-decay", "0.9"]),
-])
-def test_stop_and_resume_gives_identical_losses(tmp_path, ranks, layout):
-    recipe(ranks, *layout, "--train-iters", "4", "--save", str(tmp_path / "a"), "--log-json", str(tmp_path / "a.jsonl"))
-    # Stopped by --exit-interval: the schedules still span the 4 steps (they scale with --train-iters).
-    recipe(ranks, *layout, "--train-iters", "4", "--exit-interval", "2", "--save", str(tmp_path / "b"),
-           "--log-json", str(tmp_path / "b.jsonl"))
-    recipe(ranks, *layout, "--train-iters", "4", "--save", str(tmp_path / "b"), "--load", str(tmp_path / "b"),
-           "--log-json", str(tmp_path / "b.jsonl"))
-    assert losses(tmp_path / "b.jsonl") == losses(tmp_path / "a.jsonl")
-    assert len(losses(tmp_path / "a.jsonl")) == 4
-    (_, a), (manifest, b) = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
+@pytest.mark.parametrize("ranks, layout", [(1, []), (4, PP2_EP2)])
+def test_stop_and_resume_gives_identical_losses(stopped_run, ranks, layout):
+    tmp = stopped_run(ranks, layout)
+    recipe(ranks, *layout, "--train-iters", "4", "--save", str(tmp / "b"), "--load", str(tmp / "b"),
+           "--log-json", str(tmp / "b.jsonl"))
+    assert losses(tmp / "b.jsonl") == losses(tmp / "a.jsonl")
+    assert len(losses(tmp / "a.jsonl")) == 4
+    (_, a), (manifest, b) = load_checkpoint(tmp / "a"), load_checkpoint(tmp / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
     if "--ema-decay" in layout:
         params = {k for k in a if not k.startswith(("optimizer.", "rng.", "ema.")) and "e_score" not in k}
@@ -53,14 +68,14 @@ def test_stop_and_resume_gives_identical_losses(tmp_path, ranks, layout):
 
 
 @pytest.mark.dist
-def test_checkpoint_loads_under_another_layout(tmp_path):
-    """Written by PP 2 x EP 2 DualPipe on 4 ranks, continued on 2 ranks with EP 2 and no pipeline: the
-    continued losses follow the uninterrupted run's to fp32 reduction-order noise (same global batch: 16)."""
-    layout = ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2"]
-    recipe(4, *layout, "--train-iters", "4", "--save", str(tmp_path / "a"), "--log-json", str(tmp_path / "a.jsonl"))
-    recipe(4, *layout, "--train-iters", "4", "--exit-interval", "2", "--save", str(tmp_path / "b"))
+def test_checkpoint_loads_under_another_layout(stopped_run, tmp_path):
+    """Written by PP 2 x EP 2 DualPipe on 4 ranks (bf16 moments, EMA) at step 2, continued on 2 ranks with EP 2
+    and no pipeline: the continued losses follow the uninterrupted run's to fp32 reduction-order noise (same
+    global batch: 16)."""
+    tmp = stopped_run(4, PP2_EP2)
     recipe(2, "--expert-model-parallel-size", "2", "--num-microbatches", "4", "--train-iters", "4",
-           "--load", str(tmp_path / "b"), "--save", str(tmp_path / "c"), "--log-json", str(tmp_path / "c.jsonl"))
-    reference, continued = losses(tmp_path / "a.jsonl")[2:], losses(tmp_path / "c.jsonl")
+           "--moment-dtype", "bf16", "--ema-decay", "0.9", "--load", str(tmp / "b" / "iter_0000002"),
+           "--save", str(tmp_path / "c"), "--log-json", str(tmp_path / "c.jsonl"))
+    reference, continued = losses(tmp / "a.jsonl")[2:], losses(tmp_path / "c.jsonl")
     assert len(continued) == 2
     assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(continued, reference)), (continued, reference)
