@@ -174,10 +174,14 @@ class Mesh:
 
 def new_group(ranks: list[int]) -> dist.ProcessGroup:
     """A process group of ``ranks``; every rank of the world must call this for every group, in the same
-    order. Only the members synchronise (faster start-up with many groups); the world group is reused."""
+    order; the world group is reused. Not ``use_local_synchronization``: torch then names a group by its
+    ranks and by how many groups each member has joined so far, so after groups some members joined and
+    others did not (grad_sync's copies of tied weights), a later group's members disagree on its name and
+    wait for each other forever (a second ParallelTrainer in one process hung). Without it every rank
+    counts every group, and the names agree."""
     if len(ranks) == dist.get_world_size():
         return dist.group.WORLD
-    return dist.new_group(ranks, use_local_synchronization=True)
+    return dist.new_group(ranks)
 
 
 def auto_layout(world_size: int, model_cfg: ModelConfig, ranks_per_node: int | None = None) -> ParallelConfig:

@@ -40,8 +40,8 @@ AGREE = {f"agree-{s}": (2, ["--pp", "2", "--schedule", s, "--microbatches", "4"]
 
 
 # The launches: mpirun and the ranks' start cost more than a layout's three steps, so one launch carries
-# several layouts of a world size. 1F1B at PP 4 runs last in its launch: a layout started after it in the same
-# job hung on the loaded 2-core machine (a leftover of its pipeline's point-to-point traffic, not yet found).
+# several layouts of a world size. (A layout started after 1F1B at PP 4 once hung in new_group: torch's names
+# for locally synchronised groups depended on each rank's group history; moelib.parallel.mesh.new_group.)
 LAUNCHES = [sorted(n for n, (ranks, _) in {**LAYOUTS, **AGREE}.items() if ranks == 2),
             ["1f1b-pp2-dp2-ep2-no-mtp", "1f1b-pp4"],
             ["dualpipe-pp2-ep2", "dualpipe-pp4", "dualpipev-pp4", "ep4"]]

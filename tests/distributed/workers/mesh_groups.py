@@ -4,6 +4,8 @@
 
 For each layout every group kind is checked twice: its member list against the layout formula, and by a
 real collective (an all-reduce of one-hot rank vectors over the group must mark exactly those members).
+Between layouts, a group only the first and last rank join (as grad_sync makes for a weight both pipeline
+ends hold), so the next layout's groups are created after groups some ranks joined and others did not.
 Rank 0 prints one RESULT line per layout.
 """
 
@@ -16,7 +18,7 @@ import torch.distributed as dist
 from _sync_common import main, result
 
 from moelib.config import ModelConfig, ParallelConfig
-from moelib.parallel.mesh import GROUP_KINDS, Mesh, auto_layout, coords_of
+from moelib.parallel.mesh import GROUP_KINDS, Mesh, auto_layout, coords_of, new_group
 
 
 def all_layouts(world: int) -> list[tuple[int, int]]:
@@ -60,6 +62,9 @@ def run(env) -> None:
         dist.all_gather_object(everyone, bad)
         result(world=world, pp=cfg.pp, ep=cfg.ep, schedule=cfg.pipeline_schedule,
                errors=[e for part in everyone for e in part])
+        ends = new_group([0, world - 1])
+        if dist.get_rank() in (0, world - 1):
+            dist.all_reduce(torch.ones(1), group=ends)
 
 
 if __name__ == "__main__":
