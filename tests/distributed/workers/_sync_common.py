@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -119,12 +120,12 @@ class GatherDispatcher(Dispatcher):
         local = ((flat >= self.offset) & (flat < self.offset + self.num_local)).nonzero().squeeze(1)
         order = local[torch.argsort(flat[local], stable=True)]
         counts = torch.bincount(flat[order] - self.offset, minlength=self.num_local)
-        return xs[order // top_k], counts, (order, ws, xs.shape[0], top_k)
+        # row_weights: each row's gate value, which the experts fold into their SwiGLU output.
+        state = SimpleNamespace(order=order, rows=xs.shape[0], top_k=top_k, row_weights=ws.reshape(-1)[order])
+        return xs[order // top_k], counts, state
 
-    def combine(self, y, state, quantize=None):  # keeps y as it is (no FP8 cache in these tests)
-        order, ws, rows, top_k = state
-        contrib = y * ws.reshape(-1)[order].unsqueeze(1).to(y.dtype)
-        full = y.new_zeros(rows, y.shape[1]).index_add(0, order // top_k, contrib)
+    def combine(self, y, state):
+        full = y.new_zeros(state.rows, y.shape[1]).index_add(0, state.order // state.top_k, y)
         return _SumToOwn.apply(full, self.group)
 
 
